@@ -1,0 +1,3 @@
+from vproxy.cli import entry
+
+entry()

@@ -1,0 +1,171 @@
+"""`vproxy serve`: accept mTLS sessions, authorize each open, hand it to a provider.
+
+The agent owns no channel logic itself: built-in channels (sink, source, echo) come
+from vproxy.builtin, VM channels from vproxy.qemu. For each open it writes one audit
+line: identity, VM, channel, mode, result, bytes each way, duration.
+"""
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from . import mux, tls
+from .errors import ChannelRefused, SessionClosed, StreamReset
+from .mux import RefuseCode
+from .session import Session, Stream
+
+log = logging.getLogger("vproxy.agent")
+audit_log = logging.getLogger("vproxy.audit")
+
+HANDSHAKE_TIMEOUT = 5.0  # a TLS handshake that takes longer is dropped
+
+
+@dataclass
+class AgentConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7443
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    crl: Optional[str] = None
+    mux_config: Optional[mux.Config] = None
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+class AgentSession(Session):
+    """A Session whose peer identity comes from its TLS client certificate."""
+
+    def __init__(self, agent: "Agent"):
+        super().__init__(client=False, config=agent.config.mux_config,
+                         on_open=self._dispatch, name="session")
+        self.agent = agent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        peer = transport.get_extra_info("peername")
+        try:
+            if ssl_object is not None:
+                tls.check_alpn(ssl_object)
+                self.peer_identity = tls.identity_of(ssl_object)
+        except tls.TlsError as e:
+            log.warning("refused connection from %s: %s", peer, e)
+            transport.abort()
+            return
+        self.name = "session %s from %s" % (self.peer_identity, _addr(peer))
+        log.info("%s: connected", self.name)
+        self.agent.sessions.add(self)
+        self.closed.add_done_callback(lambda _: self._gone())
+        super().connection_made(transport)
+
+    def _gone(self) -> None:
+        self.agent.sessions.discard(self)
+        log.info("%s: closed: %s", self.name, self.close_reason)
+
+    async def _dispatch(self, stream: Stream) -> None:
+        await self.agent.serve_stream(self, stream)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, providers: Optional[dict] = None, acl: Any = None):
+        """providers: maps "" (built-ins) and "vm" to provider objects."""
+        self.config = config
+        from .builtin import BuiltinProvider
+
+        self.providers = {"": BuiltinProvider()}
+        self.providers.update(providers or {})
+        self.acl = acl
+        self.sessions: "set[AgentSession]" = set()
+        self._servers: List[asyncio.AbstractServer] = []
+        self._ssl: Optional[ssl.SSLContext] = None
+
+    @property
+    def addresses(self) -> List[str]:
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                out.append(_addr(sock.getsockname()))
+        return out
+
+    async def start(self) -> None:
+        c = self.config
+        self._ssl = tls.server_context(c.cert, c.key, c.ca, c.crl)
+        loop = asyncio.get_event_loop()
+        server = await loop.create_server(
+            lambda: AgentSession(self), c.listen_host, c.listen_port,
+            ssl=self._ssl, ssl_handshake_timeout=c.handshake_timeout,
+        )
+        self._servers.append(server)
+
+    async def shutdown(self, message: str = "the agent is shutting down", drain_timeout: float = 10.0) -> None:
+        """Stop listening, send GOAWAY to every session, let open streams drain."""
+        for server in self._servers:
+            server.close()
+        sessions = list(self.sessions)
+        if sessions:
+            await asyncio.gather(*(s.goaway(message, drain_timeout) for s in sessions),
+                                 return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+
+    async def serve_stream(self, session: AgentSession, stream: Stream) -> None:
+        request = stream.request
+        identity = session.peer_identity
+        started = time.monotonic()
+        result = "ok"
+        try:
+            provider = self.providers.get("" if not request.vm else "vm")
+            if provider is None:
+                raise ChannelRefused(RefuseCode.NO_SUCH_VM,
+                                     "this agent serves no VMs (no QEMU configured)")
+            if request.vm:
+                self._authorize(identity, request)
+            channel = await provider.open(request, identity)
+        except ChannelRefused as e:
+            result = "refused: %s" % e.message
+            stream.refuse(e.code, e.message)
+            self._audit(identity, request, result, stream, started)
+            return
+        stream.accept(channel.info)
+        try:
+            await channel.run(stream)
+        except (StreamReset, SessionClosed) as e:
+            result = "ended: %s" % e
+        except asyncio.CancelledError:
+            result = "ended: session closed"
+            raise
+        finally:
+            if not stream.closed and not stream.local_ended:
+                stream.reset(mux.ResetCode.CANCEL, "channel ended")
+            self._audit(identity, request, result, stream, started)
+
+    def _authorize(self, identity, request) -> None:
+        if self.acl is None:
+            raise ChannelRefused(RefuseCode.FORBIDDEN,
+                                 "%s may not open %s: this agent has no ACL" % (identity, request.describe()))
+        self.acl.check(identity, request)
+
+    def _audit(self, identity, request, result, stream: Stream, started: float) -> None:
+        # built-in channels (bench traffic) are not access to a VM: debug level only
+        level = logging.INFO if request.vm else logging.DEBUG
+        audit_log.log(level,
+            "identity=%s vm=%s channel=%s mode=%s result=%r in=%d out=%d duration=%.3f",
+            _quote(str(identity)), _quote(request.vm or "-"), _quote(request.channel), request.mode,
+            result, stream.bytes_in, stream.bytes_out, time.monotonic() - started,
+        )
+
+
+def _quote(text: str) -> str:
+    """Audit fields are space-separated: keep hostile names on one line, unambiguous."""
+    if text and all(33 <= ord(c) < 127 and c not in '"\\' for c in text):
+        return text
+    return '"%s"' % text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+def _addr(sockname) -> str:
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host = sockname[0]
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, sockname[1])
+    return str(sockname)

@@ -1,0 +1,122 @@
+"""The Python API on the client side: connect to an agent, open channels.
+
+    async with await connect("vmhost:7443", cert=..., key=..., ca=...) as client:
+        stream = await client.open("web1", "console")
+        await stream.write(b"root\\n")
+        print(await stream.read())
+"""
+
+import asyncio
+import ssl
+from typing import Dict, Optional, Tuple
+
+from . import mux, tls
+from .errors import SessionClosed, UserError
+from .mux import OpenRequest, Priority
+from .session import Session, Stream
+
+DEFAULT_PORT = 7443
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_address(address: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
+    """"host", "host:port", "[v6]:port" or "v6" -> (host, port)."""
+    text = address.strip()
+    if not text:
+        raise UserError("empty agent address", hint="give HOST or HOST:PORT")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError("bad port %r in agent address %r" % (port, address))
+    return host, int(port)
+
+
+class Client:
+    """A live session with one agent."""
+
+    def __init__(self, session: Session, address: str):
+        self.session = session
+        self.address = address
+
+    async def open(
+        self,
+        vm: str,
+        channel: str,
+        mode: str = "rw",
+        options: Optional[Dict[str, str]] = None,
+        priority: Optional[int] = None,
+        timeout: float = 30.0,
+    ) -> Stream:
+        """Open a channel; raises vproxy.errors.ChannelRefused with the agent's reason."""
+        if priority is None:
+            priority = Priority.INTERACTIVE if channel.startswith("console") else Priority.BULK
+        request = OpenRequest(vm, channel, mode, dict(options or {}))
+        return await self.session.open(request, priority, timeout)
+
+    async def ping(self) -> float:
+        return await self.session.ping()
+
+    async def close(self) -> None:
+        self.session.close("client closed the session")
+        await self.session.wait_closed()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+async def connect(
+    address: str,
+    cert: str,
+    key: str,
+    ca: str,
+    crl: Optional[str] = None,
+    server_name: Optional[str] = None,
+    timeout: float = CONNECT_TIMEOUT,
+    config: Optional[mux.Config] = None,
+) -> Client:
+    """Connect to an agent over mutual TLS. Errors are UserError with one clear sentence."""
+    host, port = parse_address(address)
+    context = tls.client_context(cert, key, ca, crl)
+    loop = asyncio.get_event_loop()
+    try:
+        _, session = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: Session(client=True, config=config, name="session to %s" % address),
+                host, port, ssl=context, server_hostname=server_name or host,
+                ssl_handshake_timeout=timeout,
+            ),
+            timeout,
+        )
+    except asyncio.TimeoutError:
+        raise UserError("no answer from the agent at %s within %.0f s" % (address, timeout),
+                        hint="is `vproxy serve` running there, and the port open?") from None
+    except ssl.SSLError as e:
+        raise UserError("TLS with the agent at %s failed: %s" % (address, tls.describe_tls_error(e))) from None
+    except OSError as e:
+        raise UserError("cannot connect to the agent at %s: %s" % (address, e.strerror or e),
+                        hint="is `vproxy serve` running there?") from None
+    ssl_object = session.transport.get_extra_info("ssl_object")
+    try:
+        tls.check_alpn(ssl_object)
+    except tls.AlpnMismatch as e:
+        session.close(e.message)
+        raise UserError("the agent at %s: %s" % (address, e.message)) from None
+    session.peer_identity = tls.identity_of(ssl_object)
+    # TLS 1.3 sends the server's verdict on our certificate after the handshake:
+    # a ping round trip tells a refused certificate from a working session.
+    try:
+        await session.ping(timeout)
+    except (SessionClosed, asyncio.TimeoutError, ConnectionError) as e:
+        reason = session.close_reason or str(e)
+        raise UserError("the agent at %s refused the session: %s" % (address, reason)) from None
+    return Client(session, address)
