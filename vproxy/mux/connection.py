@@ -461,9 +461,10 @@ class Connection:
         # our streams above last_stream_id were never seen by the peer
         for s in list(self._streams.values()):
             if self._is_local(s.id) and s.id > f.last_stream_id:
+                was_opening = s.state == S.OPENING
                 self._forget(s)
                 message = "the peer is going away" + (": " + f.message if f.message else "")
-                if s.state == S.OPENING:
+                if was_opening:
                     out.append(ev.StreamRefused(s.id, RefuseCode.GOING_AWAY, message))
                 else:
                     out.append(ev.StreamReset(s.id, ResetCode.CANCEL, message))
