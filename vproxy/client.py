@@ -19,8 +19,8 @@ DEFAULT_PORT = 7443
 CONNECT_TIMEOUT = 10.0
 
 
-def parse_address(address: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
-    """"host", "host:port", "[v6]:port" or "v6" -> (host, port)."""
+def parse_address(address: str, default_port: int = DEFAULT_PORT, listening: bool = False) -> Tuple[str, int]:
+    """"host", "host:port", "[v6]:port" or "v6" -> (host, port). A listener may use port 0."""
     text = address.strip()
     if not text:
         raise UserError("empty agent address", hint="give HOST or HOST:PORT")
@@ -33,7 +33,7 @@ def parse_address(address: str, default_port: int = DEFAULT_PORT) -> Tuple[str, 
         host, port = text, ""
     if not port:
         return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not (0 if listening else 1) <= int(port) < 65536:
         raise UserError("bad port %r in agent address %r" % (port, address))
     return host, int(port)
 

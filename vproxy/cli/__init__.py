@@ -70,7 +70,7 @@ def serve(listen: str, handshake_timeout: float, audit_log, **tls_args) -> None:
     from ..client import parse_address
     from .serving import run_agent
 
-    host, port = parse_address(listen)
+    host, port = parse_address(listen, listening=True)
     paths = resolve_tls(tls_args, server=True)
     config = AgentConfig(listen_host=host, listen_port=port, handshake_timeout=handshake_timeout, **paths)
     run_async(run_agent(Agent(config), audit_log))
