@@ -229,6 +229,7 @@ class GuestChannel:
         self._guest_closed = asyncio.Event()
         self._last_guest_data = time.monotonic()
         self._tasks: List[asyncio.Task] = []
+        self._pending: List[Dict[str, str]] = []  # notices before run()
 
     def __repr__(self) -> str:
         return "<GuestChannel %s of VM %s held by %s>" % (self.name, self.owner.vm, self.identity)
@@ -238,8 +239,11 @@ class GuestChannel:
             self._guest_closed.clear()
         else:
             self._guest_closed.set()
-        if self._stream is not None:
-            safe_notify(self._stream, {"event": "guest-open" if is_open else "guest-close"})
+        fields = {"event": "guest-open" if is_open else "guest-close"}
+        if self._stream is None:
+            self._pending.append(fields)
+        else:
+            safe_notify(self._stream, fields)
 
     def gone(self, reason: str) -> None:
         if self._gone_reason:
@@ -256,6 +260,9 @@ class GuestChannel:
             if self._gone_reason:
                 safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
                 return
+            for fields in self._pending:
+                safe_notify(stream, fields)
+            self._pending = []
             to_client = asyncio.ensure_future(self._copy_out())
             to_guest = asyncio.ensure_future(self._copy_in())
             self._tasks = [to_client, to_guest]

@@ -93,6 +93,7 @@ class VMMonitor:
         self._shutdown_reason = ""
         self._fd_lock: Optional[asyncio.Lock] = None
         self._warned_busy = False
+        self._stopping = False
 
     def __repr__(self) -> str:
         return "<VMMonitor %s %s %s>" % (self.name, self.qmp_path, self.state)
@@ -125,6 +126,7 @@ class VMMonitor:
     def start(self) -> None:
         """Start the supervisor task (connect now, reconnect whenever QEMU comes back)."""
         if self._task is None:
+            self._stopping = False
             self._ready = asyncio.Event()
             self._task = asyncio.ensure_future(self._supervise())
 
@@ -132,6 +134,7 @@ class VMMonitor:
         """Stop supervising and drop the QMP connection (QEMU keeps running)."""
         task, self._task = self._task, None
         if task is not None:
+            self._stopping = True
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if self._status_task is not None:
@@ -156,6 +159,8 @@ class VMMonitor:
         return msg
 
     def gone_message(self) -> str:
+        if self._stopping:
+            return "VM %s is no longer served: the agent is shutting down" % self.name
         if self._shutdown_reason:
             return "VM %s went away (QEMU shut down: %s)" % (self.name, self._shutdown_reason)
         return "VM %s went away (QEMU exited)" % self.name

@@ -1,0 +1,259 @@
+"""Guest channels (virtio-serial ports) through the agent.
+
+The plumbing (takeover, hotplug and removal, BUSY, refusals) is checked on the small
+boot-sector VM with a virtio-serial controller (its guest has no virtio driver, which
+QEMU does not mind). Data, VSERPORT_CHANGE and a guest going away are checked on the
+Linux guest (tests/guests/linux_guest.py), whose ports named org.vproxy.echo* run an
+echo program.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+
+import pytest
+
+from memstream import open_channel, read_exactly
+from vmtools import boot_sector_vm, qemu_available
+from vproxy.errors import ChannelRefused, StreamReset
+from vproxy.mux import RefuseCode, ResetCode
+from vproxy.qemu.provider import QemuProvider
+from vproxy.qemu.vms import VMRegistry
+
+pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
+
+
+@contextlib.asynccontextmanager
+async def agent(*vms, **options):
+    registry = VMRegistry([(v.name, str(v.qmp_path)) for v in vms], **options)
+    await registry.start()
+    try:
+        for v in vms:
+            assert await registry.get(v.name).monitor.wait_ready(10)
+        yield QemuProvider(registry), registry
+    finally:
+        await registry.stop()
+
+
+async def end(s):
+    s.reset(ResetCode.CANCEL, "test done")
+    await asyncio.wait_for(s.task, 10)
+
+
+async def port_ids(registry, vm):
+    ports = await registry.get(vm).channels.list_ports(registry.get(vm).monitor)
+    return {p["name"]: p for p in ports}
+
+
+def _static_port_args():
+    return ["-device", "virtio-serial",
+            "-chardev", "null,id=gc0",
+            "-device", "virtserialport,chardev=gc0,name=org.example.static,id=gp0"]
+
+
+def test_takeover_hotplug_busy(tmp_path):
+    vm = boot_sector_vm(tmp_path, vnc=False, name="bs", extra=_static_port_args()).start()
+    try:
+        async def main():
+            async with agent(vm) as (provider, registry):
+                # an existing port with a null chardev is taken over
+                s = await open_channel(provider, "bs", "channel:org.example.static", "rw", identity="alice")
+                assert s.info == {"channel": "org.example.static", "guest": "unknown", "hotplugged": "no"}
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "bs", "channel:org.example.static", "rw", identity="bob")
+                assert e.value.code == RefuseCode.BUSY
+                assert e.value.message == "guest channel org.example.static of VM bs is in use by alice"
+                await end(s)
+                # released: re-attached with add_client this time
+                assert (await port_ids(registry, "bs"))["org.example.static"]["backend"].startswith("disconnected:fd:")
+                s = await open_channel(provider, "bs", "channel:org.example.static", "rw", identity="bob")
+                assert (await port_ids(registry, "bs"))["org.example.static"]["backend"] == "unix:"
+                await end(s)
+
+                # unknown name without hotplug: refused, listing what exists
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "bs", "channel:org.example.new")
+                assert e.value.code == RefuseCode.NO_SUCH_CHANNEL
+                assert "org.example.static" in e.value.message and "hotplug" in e.value.message
+
+                # hotplug: added now, removed when the stream ends
+                h = await open_channel(provider, "bs", "channel:org.example.new", "hotplug", identity="carol")
+                assert h.info["hotplugged"] == "yes"
+                ports = await port_ids(registry, "bs")
+                assert ports["org.example.new"]["id"].startswith("vproxy-p-")
+                chardev_id = ports["org.example.new"]["chardev"]
+                desc = (await provider.describe())[0]["channels"]
+                assert {"name": "org.example.new", "holder": "carol", "guest": "unknown",
+                        "hotplugged": "yes"} in desc
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "bs", "channel:org.example.new", "hotplug")
+                assert e.value.code == RefuseCode.BUSY
+                await end(h)
+                assert "org.example.new" not in await port_ids(registry, "bs")
+                labels = [c["label"] for c in await registry.get("bs").monitor.execute("query-chardev")]
+                assert chardev_id not in labels
+
+                # hotplug of an existing name just opens it
+                s = await open_channel(provider, "bs", "channel:org.example.static", "hotplug")
+                assert s.info["hotplugged"] == "no"
+                await end(s)
+                assert "org.example.static" in await port_ids(registry, "bs")
+
+        asyncio.run(main())
+    finally:
+        vm.terminate()
+
+
+def test_refusals(tmp_path):
+    """Paused VM (chardev-change on virtio-serial needs a running VM), no controller,
+    a port on somebody else's socket."""
+    os.makedirs(tmp_path / "n")
+    os.makedirs(tmp_path / "p")
+    no_ctrl = boot_sector_vm(tmp_path / "n", vnc=False, name="noctrl")
+    paused = boot_sector_vm(tmp_path / "p", vnc=False, name="paused", paused=True,
+                            extra=_static_port_args() + [
+                                "-chardev", "socket,id=ga,path=%s,server=on,wait=off" % (tmp_path / "p" / "ga.sock"),
+                                "-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0"])
+    no_ctrl.start()
+    paused.start()
+    try:
+        async def main():
+            async with agent(no_ctrl, paused) as (provider, registry):
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "noctrl", "channel:org.example.x", "hotplug")
+                assert e.value.code == RefuseCode.UNAVAILABLE
+                assert e.value.message == ("VM noctrl has no virtio-serial controller to add guest "
+                                           "channel org.example.x to: start QEMU with -device virtio-serial")
+                labels = [c["label"] for c in await registry.get("noctrl").monitor.execute("query-chardev")]
+                assert not any(x.startswith("vproxy") for x in labels)  # chardev rolled back
+
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "paused", "channel:org.example.static")
+                assert e.value.code == RefuseCode.UNAVAILABLE
+                assert e.value.message == ("guest channel org.example.static of VM paused can be "
+                                           "taken over only while the VM runs (it is prelaunch)")
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "paused", "channel:org.qemu.guest_agent.0")
+                assert e.value.code == RefuseCode.UNAVAILABLE
+                assert "which vproxy does not take over" in e.value.message
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "paused", "channel:org.example.static", "ro")
+                assert e.value.code == RefuseCode.BAD_REQUEST
+                # once it runs, it works
+                await registry.get("paused").monitor.execute("cont")
+                s = await open_channel(provider, "paused", "channel:org.example.static")
+                await end(s)
+
+        asyncio.run(main())
+    finally:
+        no_ctrl.terminate()
+        paused.terminate()
+
+
+# --------------------------------------------------------------------------- Linux guest
+
+
+def _linux_guest_available():
+    try:
+        from guests import linux_guest  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+linux = pytest.mark.skipif(not _linux_guest_available(),
+                           reason="tests/guests/linux_guest.py not available yet")
+
+
+@pytest.fixture(scope="module")
+def linux_vm(tmp_path_factory):
+    from vmtools import linux_vm as make
+
+    vm = make(tmp_path_factory.mktemp("linux"), name="lin")
+    vm.start()
+    yield vm
+    vm.terminate()
+
+
+async def wait_guest_echo_ready(provider, registry, timeout=120.0):
+    """The Linux guest is up once its console says so (it opens its echo ports)."""
+    from guests.linux_guest import READY_MARKER  # what the guest prints when its ports run
+
+    console = registry.get("lin").consoles.consoles["serial0"]
+    deadline = time.monotonic() + timeout
+    while READY_MARKER not in console.ring.read_all(console.ring.start):
+        assert time.monotonic() < deadline, console.ring.read_all(console.ring.start)[-2000:]
+        await asyncio.sleep(0.1)
+
+
+@linux
+def test_linux_hotplug_echo_16mib(linux_vm):
+    """16+ MiB through a hotplugged port and back, with equal SHA-256; the guest's
+    open/close of the port arrives as NOTICEs."""
+
+    async def main():
+        async with agent(linux_vm) as (provider, registry):
+            await wait_guest_echo_ready(provider, registry)
+            s = await open_channel(provider, "lin", "channel:org.vproxy.echo.hot", "hotplug")
+            n = await asyncio.wait_for(s.next_notice(), 60)
+            assert n == {"event": "guest-open"}
+            size = 16 * 1024 * 1024 + 12345
+            data = os.urandom(1 << 20)
+            want = hashlib.sha256()
+            got = hashlib.sha256()
+
+            async def send():
+                sent = 0
+                while sent < size:
+                    chunk = data[: min(len(data), size - sent)]
+                    await s.write(chunk)
+                    want.update(chunk)
+                    sent += len(chunk)
+
+            async def receive():
+                n = 0
+                while n < size:
+                    chunk = await s.read(1 << 20)
+                    assert chunk, "EOF after %d bytes" % n
+                    got.update(chunk)
+                    n += len(chunk)
+
+            t0 = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(send(), receive()), 300)
+            elapsed = time.monotonic() - t0
+            print("echoed %d bytes through a hotplugged port in %.1f s (%.1f MB/s)"
+                  % (size, elapsed, size / elapsed / 1e6))
+            assert got.hexdigest() == want.hexdigest()
+            await s.close()
+            assert await asyncio.wait_for(s.read(), 30) == b""  # agent closes after linger
+            await asyncio.wait_for(s.task, 30)
+
+    asyncio.run(main())
+
+
+@linux
+def test_linux_qemu_killed(tmp_path):
+    from vmtools import linux_vm as make
+
+    vm = make(tmp_path, name="lin")
+    vm.start()
+    try:
+        async def main():
+            async with agent(vm) as (provider, registry):
+                await wait_guest_echo_ready(provider, registry)
+                s = await open_channel(provider, "lin", "channel:org.vproxy.echo0")
+                await s.write(b"ping\n")
+                assert await read_exactly(s, 5, timeout=30) == b"ping\n"
+                vm.kill()
+                with pytest.raises(StreamReset) as e:
+                    while await asyncio.wait_for(s.read(), 10):
+                        pass
+                assert e.value.code == ResetCode.CHANNEL_GONE
+                assert e.value.message == "VM lin went away (QEMU exited)"
+                await asyncio.wait_for(s.task, 10)
+
+        asyncio.run(main())
+    finally:
+        vm.terminate()
