@@ -15,6 +15,7 @@ from vmtools import (  # noqa: E402
     BOOT_SECTOR_BANNER,
     boot_sector_vm,
     exchange,
+    hotplug_port,
     expected_echo,
     qmp_connect,
     read_until,
@@ -107,6 +108,23 @@ def test_boot_sector_banner_and_echo_tcg(tmp_path):
         asyncio.run(go())
 
 
+async def _wait_in_echo_loop(qmp, timeout=30.0):
+    """Sample the vCPU until it is in the guest's main poll loop (CS=0, IP between
+    `poll` and `putc`), which it reaches only after printing the banner."""
+    import re
+
+    sym = bootsector.symbols()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = await qmp.execute("human-monitor-command", {"command-line": "info registers"})
+        cs = re.search(r"CS =([0-9a-f]+)", r)
+        ip = re.search(r"EIP=([0-9a-f]+)", r)
+        if cs and ip and int(cs.group(1), 16) == 0 and sym["poll"] <= int(ip.group(1), 16) < sym["putc"]:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the guest never reached its echo loop")
+
+
 @needs_qemu
 def test_boot_sector_banner_lost_before_takeover(tmp_path):
     """Without -S the banner goes to the null chardev before anyone takes over: the
@@ -116,7 +134,7 @@ def test_boot_sector_banner_lost_before_takeover(tmp_path):
         async def go():
             qmp = await qmp_connect(vm)
             try:
-                await asyncio.sleep(2.0)  # boots in ~0.2 s under TCG
+                await _wait_in_echo_loop(qmp)  # so the banner has surely gone to null
                 sock = await take_over_chardev(qmp, "serial0")
                 with sock:
                     sock.sendall(b"abc\r")
@@ -144,3 +162,88 @@ def test_qemu_start_failure_reports_stderr(tmp_path):
         vm.start()
     assert "no-such-option" in str(ei.value)
     vm.terminate()
+
+
+# --------------------------------------------------------------------- Linux guest
+
+
+def _linux_guest_or_skip():
+    import shutil
+
+    from guests import linux_guest
+
+    if not vmtools.qemu_available():
+        pytest.skip("qemu-system-x86_64 not installed")
+    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            pytest.skip("%s not available: cannot fetch Debian's kernel" % tool)
+    return linux_guest
+
+
+def test_cpio_newc_layout():
+    from guests.linux_guest import _cpio_newc
+
+    data = _cpio_newc([("init", 0o100755, b"#!/bin/sh\n", 0, 0), ("dev", 0o40755, b"", 0, 0)])
+    assert data.startswith(b"070701")
+    assert len(data) % 4 == 0
+    assert b"init\x00" in data and b"TRAILER!!!\x00" in data
+
+
+def test_linux_guest_login_command_and_hotplugged_echo(tmp_path):
+    linux_guest = _linux_guest_or_skip()
+    import hashlib
+
+    vm = vmtools.linux_vm(tmp_path, paused=True, name="lin")
+    assert vm.accel == "tcg"
+    with vm:
+        async def go():
+            qmp = await qmp_connect(vm)
+            try:
+                con = await take_over_chardev(qmp, "serial0")
+                await qmp.execute("cont")
+                t0 = time.monotonic()
+                buf = bytearray()
+                read_until(con, linux_guest.READY_MARKER, timeout=180, buf=buf)
+                read_until(con, linux_guest.LOGIN_PROMPT, timeout=30, buf=buf)
+                print("Linux guest: login prompt %.1f s after cont" % (time.monotonic() - t0))
+                con.sendall(b"root\r")
+                read_until(con, linux_guest.SHELL_PROMPT, timeout=30, buf=buf)
+                con.sendall(b"echo $((6*7))\r")
+                out = read_until(con, linux_guest.SHELL_PROMPT, timeout=30, buf=buf)
+                assert b"\r\n42\r\n" in out
+
+                # a port hotplugged the way the agent does it echoes, and the guest opens it
+                port = await hotplug_port(qmp, "org.vproxy.echo.hot", "hot1")
+                ev = await vmtools.wait_event(qmp, "VSERPORT_CHANGE", timeout=30, id="hot1")
+                assert ev["data"]["open"] is True
+                data = os.urandom(1 << 20)
+                t1 = time.monotonic()
+                got = exchange(port, data, len(data), timeout=120)
+                print("1 MiB echoed in %.2f s" % (time.monotonic() - t1))
+                assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+
+                # unplug, then plug a port again (the guest may reuse the vportNpM name)
+                port.close()
+                await qmp.execute("device_del", {"id": "hot1"})
+                await vmtools.wait_event(qmp, "DEVICE_DELETED", timeout=30, device="hot1")
+                await qmp.execute("chardev-remove", {"id": "ch_hot1"})
+                port = await hotplug_port(qmp, "org.vproxy.echo.hot", "hot2")
+                with port:
+                    await vmtools.wait_event(qmp, "VSERPORT_CHANGE", timeout=30, id="hot2", open=True)
+                    port.sendall(b"again\n")
+                    assert read_until(port, b"again\n", timeout=30) == b"again\n"
+
+                # the boot-time port org.vproxy.echo0 (null chardev) taken over while running
+                echo0 = await take_over_chardev(qmp, "ch-echo0")
+                with echo0:
+                    echo0.sendall(b"ping\n")
+                    assert read_until(echo0, b"ping\n", timeout=30) == b"ping\n"
+
+                # logging out gives the login prompt again
+                con.sendall(b"exit\r")
+                read_until(con, linux_guest.LOGIN_PROMPT, timeout=30, buf=buf)
+                con.close()
+            finally:
+                await qmp.disconnect()
+
+        asyncio.run(go())

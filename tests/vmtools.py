@@ -334,10 +334,16 @@ def linux_vm(
     paused: bool = False,
     append: str = "",
     vnc: bool = False,
+    echo_ports: Sequence[str] = ("org.vproxy.echo0",),
 ) -> QemuVM:
-    """A not-yet-started VM running the Debian-kernel + busybox Linux guest under TCG
-    (the Debian kernel hangs under KVM on these machines), with ``-device
-    virtio-serial`` and COM1 on chardev ``serial0``. See tests/guests/linux_guest.py."""
+    """A not-yet-started VM running the Debian-kernel + busybox Linux guest (see
+    tests/guests/linux_guest.py) under TCG: the Debian kernel hangs under KVM on these
+    machines. ``-machine pc -m 256 -no-reboot``, ``-device virtio-serial``, COM1 on
+    chardev ``serial0`` (null until taken over) and, for each name in *echo_ports*, a
+    boot-time port with a null chardev ``-chardev null,id=ch-echoN -device
+    virtserialport,chardev=ch-echoN,name=NAME,id=echoN`` (N = its index), which the
+    guest opens and echoes on once the host side is attached (chardev-change while the
+    VM runs). Hotplugged ports named org.vproxy.echo* echo too."""
     from guests.linux_guest import KERNEL_CMDLINE, build_linux_guest
 
     kernel, initrd = build_linux_guest(cache_dir)
@@ -345,6 +351,9 @@ def linux_vm(
     args = ["-accel", "tcg", "-machine", "pc", "-m", "256", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
             "-device", "virtio-serial"] + _serial_args()
+    for i, port in enumerate(echo_ports):
+        args += ["-chardev", "null,id=ch-echo%d" % i,
+                 "-device", "virtserialport,chardev=ch-echo%d,name=%s,id=echo%d" % (i, port, i)]
     if vnc:
         args += ["-vga", "std", "-vnc", "none"]
     args += list(extra)

@@ -37,7 +37,7 @@ floppy).
 
 import os
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 __all__ = [
     "BANNER",
@@ -45,6 +45,7 @@ __all__ = [
     "build_boot_sector",
     "build_boot_disk",
     "expected_echo",
+    "symbols",
 ]
 
 #: What the guest prints on COM1 once per boot, before any echo.
@@ -219,8 +220,8 @@ def _size(item: _Item) -> int:
     raise ValueError("unknown item kind %r" % (kind,))
 
 
-def _assemble(items: List[_Item]) -> bytes:
-    labels = {}
+def _labels(items: List[_Item]) -> Dict[str, int]:
+    labels = {}  # type: Dict[str, int]
     offset = 0
     for item in items:  # pass 1: label offsets
         if item[0] == "label":
@@ -228,7 +229,11 @@ def _assemble(items: List[_Item]) -> bytes:
                 raise ValueError("duplicate label %r" % (item[1],))
             labels[item[1]] = offset
         offset += _size(item)
+    return labels
 
+
+def _assemble(items: List[_Item]) -> bytes:
+    labels = _labels(items)
     out = bytearray()
     for item in items:  # pass 2: emit
         kind = item[0]
@@ -264,6 +269,14 @@ def build_boot_sector(banner: bytes = BANNER) -> bytes:
     if len(code) > 510:
         raise ValueError("banner too long: the program needs %d of 510 bytes" % len(code))
     return code + bytes(510 - len(code)) + b"\x55\xaa"
+
+
+def symbols(banner: bytes = BANNER) -> Dict[str, int]:
+    """Linear address (0x7C00 + offset) of each label of the program, e.g. ``poll``
+    (the main loop) and ``putc``: lets a test see where the vCPU is."""
+    if isinstance(banner, str):
+        banner = banner.encode("ascii")
+    return {k: _LOAD_ADDRESS + v for k, v in _labels(_program(banner)).items()}
 
 
 def build_boot_disk(path: "Union[str, os.PathLike[str]]", banner: bytes = BANNER) -> Path:
