@@ -178,6 +178,8 @@ class QemuVM:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.qmp_path = Path(qmp_path) if qmp_path else short_socket_path(self.workdir, name + ".qmp")
+        # a short temporary dir made by short_socket_path: removed by terminate()
+        self._own_sock_dir = None if qmp_path or self.qmp_path.parent == self.workdir else self.qmp_path.parent
         self.pidfile = self.workdir / (name + ".pid")
         self.log_path = self.workdir / (name + ".log")
         self.paused = paused
@@ -276,6 +278,9 @@ class QemuVM:
         if self._log:
             self._log.close()
             self._log = None
+        if self._own_sock_dir is not None:
+            shutil.rmtree(self._own_sock_dir, ignore_errors=True)
+            self._own_sock_dir = None
         return rc
 
     close = terminate
