@@ -321,6 +321,7 @@ def boot_sector_vm(
     under TCG. ``prefer_kvm=True`` (or ``VPROXY_TEST_ACCEL=kvm``) runs it under KVM.
     """
     tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     disk = build_boot_disk(tmp_path / (name + ".img"), banner=banner)
     args = ["-machine", "pc", "-m", "32",
             "-drive", "file=%s,format=raw,if=ide" % disk] + _serial_args()
