@@ -191,7 +191,8 @@ def _unshare_works() -> bool:
     if _UNSHARE_OK is None:
         try:
             _UNSHARE_OK = subprocess.run(
-                [_tool("unshare"), "--mount", "--fork", "true"], stdout=subprocess.DEVNULL,
+                [_tool("unshare"), "--mount", "--fork", "--kill-child=SIGTERM", "true"],
+                stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, timeout=30).returncode == 0
         except (RootUnavailable, OSError, subprocess.TimeoutExpired):
             _UNSHARE_OK = False
@@ -199,9 +200,9 @@ def _unshare_works() -> bool:
 
 
 _ENTER = r'''
-root=$1; shift
-mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" || exit 125
-exec chroot "$root" "$@"
+mount=$1 chroot=$2 root=$3; shift 3
+"$mount" -t proc proc "$root/proc" && "$mount" --rbind /dev "$root/dev" || exit 125
+exec "$chroot" "$root" "$@"
 '''
 
 
@@ -219,7 +220,8 @@ def root_argv(root: PathLike, argv: Sequence[str], cwd: Optional[str] = None) ->
     if _unshare_works():
         # --kill-child: if the unshare process is killed, the command inside gets SIGTERM
         return [_tool("unshare"), "--mount", "--fork", "--kill-child=SIGTERM", "--",
-                "/bin/sh", "-c", _ENTER, "enter-root", root] + inner
+                "/bin/sh", "-c", _ENTER, "enter-root", _tool("mount"), _tool("chroot"),
+                root] + inner
     return [_tool("chroot"), root] + inner
 
 
