@@ -51,9 +51,16 @@ def test_a_good_client_gets_a_session_and_builtin_channels(pki):
     run(main())
 
 
-@pytest.mark.parametrize("who", ["expired", "not_yet_valid", "revoked", "other_client",
-                                 "wrong_eku", "self_signed"])
-def test_refused_certificates(pki, who):
+@pytest.mark.parametrize("who, why", [
+    ("expired", "expired"),
+    ("not_yet_valid", "not valid yet"),
+    ("revoked", "revoked"),
+    ("other_client", "unknown CA"),
+    ("wrong_eku", "not meant for this use"),
+    ("self_signed", "unknown CA"),
+])
+def test_refused_certificates(pki, who, why, caplog):
+    """Each refusal says why on both ends: to the user, and in the agent's log."""
     pair = getattr(pki, who)
 
     async def main():
@@ -61,14 +68,17 @@ def test_refused_certificates(pki, who):
         with pytest.raises(UserError) as info:
             await connect(agent.addresses[0], pair.cert, pair.key, pki.ca, server_name="localhost",
                           timeout=5)
-        assert "refused" in info.value.message or "TLS" in info.value.message
+        assert "refused the session" in info.value.message and why in info.value.message
         assert not agent.sessions
         # the agent keeps serving good clients
         client = await connect(agent.addresses[0], pki.alice.cert, pki.alice.key, pki.ca,
                                server_name="localhost")
         await client.close()
         await agent.shutdown()
-    run(main())
+
+    with caplog.at_level(logging.WARNING, logger="vproxy.agent"):
+        run(main())
+    assert any("refused connection from 127.0.0.1" in r.getMessage() for r in caplog.records)
 
 
 def test_refused_without_a_client_certificate(pki):

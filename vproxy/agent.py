@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from . import mux, tls
+from . import mux, tls, transport
 from .errors import ChannelRefused, SessionClosed, StreamReset
 from .mux import RefuseCode
 from .session import Session, Stream
@@ -78,7 +78,7 @@ class Agent:
         self.providers.update(providers or {})
         self.acl = acl
         self.sessions: "set[AgentSession]" = set()
-        self._servers: List[asyncio.AbstractServer] = []
+        self._servers: List[transport.Server] = []
         self._ssl: Optional[ssl.SSLContext] = None
 
     @property
@@ -92,12 +92,15 @@ class Agent:
     async def start(self) -> None:
         c = self.config
         self._ssl = tls.server_context(c.cert, c.key, c.ca, c.crl)
-        loop = asyncio.get_event_loop()
-        server = await loop.create_server(
-            lambda: AgentSession(self), c.listen_host, c.listen_port,
-            ssl=self._ssl, ssl_handshake_timeout=c.handshake_timeout,
+        server = await transport.start_server(
+            lambda: AgentSession(self), c.listen_host, c.listen_port, self._ssl,
+            handshake_timeout=c.handshake_timeout,
+            on_handshake_error=self._handshake_failed,
         )
         self._servers.append(server)
+
+    def _handshake_failed(self, peer, exc: BaseException) -> None:
+        log.warning("refused connection from %s: %s", _addr(peer), tls.describe_tls_error(exc))
 
     async def shutdown(self, message: str = "the agent is shutting down", drain_timeout: float = 10.0) -> None:
         """Stop listening, send GOAWAY to every session, let open streams drain."""

@@ -10,7 +10,7 @@ import asyncio
 import ssl
 from typing import Dict, Optional, Tuple
 
-from . import mux, tls
+from . import mux, tls, transport
 from .errors import SessionClosed, UserError
 from .mux import OpenRequest, Priority
 from .session import Session, Stream
@@ -87,13 +87,11 @@ async def connect(
     """Connect to an agent over mutual TLS. Errors are UserError with one clear sentence."""
     host, port = parse_address(address)
     context = tls.client_context(cert, key, ca, crl)
-    loop = asyncio.get_event_loop()
     try:
         _, session = await asyncio.wait_for(
-            loop.create_connection(
+            transport.create_connection(
                 lambda: Session(client=True, config=config, name="session to %s" % address),
-                host, port, ssl=context, server_hostname=server_name or host,
-                ssl_handshake_timeout=timeout,
+                host, port, context, server_name or host, handshake_timeout=timeout,
             ),
             timeout,
         )
@@ -105,6 +103,8 @@ async def connect(
     except OSError as e:
         raise UserError("cannot connect to the agent at %s: %s" % (address, e.strerror or e),
                         hint="is `vproxy serve` running there?") from None
+    if session.closed.done():  # TLS 1.3: the agent's refusal may already have been read
+        raise UserError("the agent at %s refused the session: %s" % (address, session.close_reason))
     ssl_object = session.transport.get_extra_info("ssl_object")
     try:
         tls.check_alpn(ssl_object)
