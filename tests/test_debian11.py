@@ -1,19 +1,20 @@
-"""vproxy.pyz on a bare Debian 11 host: python3 3.9 and nothing else.
+"""vproxy.pyz on bare hosts: Debian 11 (python3 3.9, the oldest we support) and
+Debian 13 (python3 3.13, the newest), each with python3 and nothing else.
 
-The host is a debootstrap'ed bullseye root (tests/debian_root.py) entered with chroot;
-it shares the host's network namespace, so an agent inside listening on 127.0.0.1 is
-reached by a client outside, and the other way round.
+Each host is a debootstrap'ed root (tests/debian_root.py) entered with chroot; it shares
+the host's network namespace, so an agent inside listening on 127.0.0.1 is reached by a
+client outside, and the other way round.
 
-What these tests prove:
-- the root really is Debian 11 with Python 3.9;
+What these tests prove, on each:
+- the root really is that Debian with that Python, and has no click of its own;
 - the pyz runs there (`python3 vproxy.pyz --version`, and as `./vproxy.pyz` through its
-  shebang), and every module it ships imports on 3.9;
-- build.py itself runs on 3.9 and makes an archive with the same content;
-- a real `vproxy bench` completes between an agent on Python 3.9 (inside) and a client
-  on the host's Python (outside), and in the other direction.
+  shebang), and every module it ships imports;
+- build.py itself runs there and makes an archive with the same content;
+- a real `vproxy bench` completes between an agent inside and a client on the host's
+  Python outside, and in the other direction.
 
-Skipped (with the reason) where the machine cannot make the root: not root, no
-debootstrap. Making the root the first time takes about a minute; it is cached.
+Skipped (with the reason) where the machine cannot make the roots: not root, no
+debootstrap. Making a root the first time takes a minute or two; it is cached.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, NamedTuple, Sequence
 
 import pytest
 
@@ -39,12 +40,29 @@ READY_TIMEOUT = 60.0  # a loaded 2-core machine, Python 3.9 compiling the pyz's 
 BENCH_TIMEOUT = 180.0
 
 
+class Bare(NamedTuple):
+    release: str
+    debian: str   # what /etc/debian_version starts with
+    python: str   # what `python3 --version` says after "Python "
+
+
+BARE_HOSTS = [
+    pytest.param(Bare("bullseye", "11.", "3.9."), id="debian11-py3.9"),
+    pytest.param(Bare("trixie", "13.", "3.13."), id="debian13-py3.13"),
+]
+
+
+@pytest.fixture(scope="module", params=BARE_HOSTS)
+def bare(request) -> Bare:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def root() -> Path:
+def root(bare) -> Path:
     try:
-        return debian_root("bullseye")
+        return debian_root(bare.release)
     except RootUnavailable as e:
-        pytest.skip("no Debian 11 root: %s" % e)
+        pytest.skip("no Debian %s root: %s" % (bare.release, e))
 
 
 @pytest.fixture(scope="module")
@@ -61,24 +79,24 @@ def run(root: Path, argv: Sequence[str], timeout: float = 120.0,
                        universal_newlines=True, timeout=timeout, **kwargs)
 
 
-def test_root_is_debian11_with_python39(root):
+def test_root_is_the_debian_and_python_we_want(root, bare):
     out = run(root, ["python3", "--version"])
     assert out.returncode == 0, out.stderr
-    assert re.match(r"Python 3\.9\.\d+$", out.stdout.strip()), out.stdout
-    assert (root / "etc/debian_version").read_text().startswith("11.")
+    assert out.stdout.startswith("Python " + bare.python), out.stdout
+    assert (root / "etc/debian_version").read_text().startswith(bare.debian)
     # Bare: no pip, no third-party packages that could stand in for the vendored ones.
     out = run(root, ["python3", "-c", "import click"])
     assert out.returncode != 0 and "No module named 'click'" in out.stderr
 
 
-def test_pyz_version_on_python39(root, inside):
+def test_pyz_version(root, inside, bare):
     pyz = inside.path("vproxy.pyz")
     out = run(root, ["python3", pyz, "--version"])
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout + out.stderr
     assert re.search(r"vproxy \d+\.\d+\.\d+", text), text
     if "Python" in text:
-        assert "Python 3.9" in text, text
+        assert "Python " + bare.python in text, text
     m = re.search(r"build ([0-9a-f]{6,64})", text)
     if m:
         assert zip_build_hash(session_pyz()).startswith(m.group(1)), text
@@ -108,7 +126,7 @@ sys.exit(1 if failed else 0)
 """
 
 
-def test_every_shipped_module_imports_on_python39(root, inside):
+def test_every_shipped_module_imports(root, inside):
     """Catches what --version does not load: 3.10+ syntax or typing evaluated at import
     (`X | Y` in a dataclass field, `list[int]` in a NamedTuple...) anywhere in vproxy.
     Only a missing `cryptography` is allowed (not shipped; `vproxy pki` says so)."""
@@ -116,9 +134,9 @@ def test_every_shipped_module_imports_on_python39(root, inside):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_build_py_runs_on_python39(root, tmp_path):
-    """build.py is standard library only and runs on 3.9; the content it packs (BUILD_HASH)
-    is the same whichever Python builds it."""
+def test_build_py_runs_there(root, tmp_path):
+    """build.py is standard library only and runs on 3.9 and 3.13; the content it packs
+    (BUILD_HASH) is the same whichever Python builds it."""
     src = snapshot_tree(tmp_path / "src")
     build_pyz(tmp_path / "host.pyz", top=src)
     with root_tempdir(root) as d:
@@ -131,7 +149,7 @@ def test_build_py_runs_on_python39(root, tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         assert zip_build_hash(d.host / "out.pyz") == zip_build_hash(tmp_path / "host.pyz")
         # The bytes also match when both zlibs deflate alike (they do for Debian 11's 1.2.11
-        # and 12's 1.2.13); report rather than fail if some zlib differs.
+        # and Debian 12's 1.2.13); report rather than fail if some zlib differs.
         if (d.host / "out.pyz").read_bytes() != (tmp_path / "host.pyz").read_bytes():
             pytest.xfail("same content, different deflate output (zlib versions differ)")
 
@@ -222,8 +240,8 @@ def check_bench(out: "subprocess.CompletedProcess[str]", agent_: Agent) -> dict:
     return result
 
 
-def test_bench_agent_on_python39_client_on_host(root, inside, pki):
-    """The agent runs inside bullseye on Python 3.9; the client is the host's Python."""
+def test_bench_agent_inside_client_on_host(root, inside, pki, bare):
+    """The agent runs inside, on the bare host's Python; the client is the host's."""
     ca = inside.put(pki.ca, "ca.pem")
     cert = inside.put(pki.server.cert, "server.pem")
     key = inside.put(pki.server.key, "server.key")
@@ -240,12 +258,12 @@ def test_bench_agent_on_python39_client_on_host(root, inside, pki):
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             universal_newlines=True, timeout=BENCH_TIMEOUT, env=host_env())
         result = check_bench(out, a)
-        print("agent py3.9 in bullseye <- client host python: %s (%.1f s)"
-              % (result, time.monotonic() - t0))
+        print("agent in %s <- client on host: %s (%.1f s)"
+              % (bare.release, result, time.monotonic() - t0))
     assert not a.killed, "the agent in the root ignored SIGTERM:\n" + a.output()
 
 
-def test_bench_agent_on_host_client_on_python39(root, inside, pki):
+def test_bench_agent_on_host_client_inside(root, inside, pki, bare):
     """The other way round: the agent is the host's Python, the client runs inside."""
     ca = inside.put(pki.ca, "ca.pem")
     cert = inside.put(pki.alice.cert, "alice.pem")
@@ -261,6 +279,6 @@ def test_bench_agent_on_host_client_on_python39(root, inside, pki):
                          "--cert", cert, "--key", key, "--ca", ca, "--seconds", "1", "--json"],
                   timeout=BENCH_TIMEOUT, stdin=subprocess.DEVNULL)
         result = check_bench(out, a)
-        print("agent host python <- client py3.9 in bullseye: %s (%.1f s)"
-              % (result, time.monotonic() - t0))
+        print("agent on host <- client in %s: %s (%.1f s)"
+              % (bare.release, result, time.monotonic() - t0))
     assert not a.killed, "the agent ignored SIGTERM:\n" + a.output()
