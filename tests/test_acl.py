@@ -1,0 +1,87 @@
+"""The ACL and the agent's config file, without I/O."""
+
+import pytest
+
+from vproxy.acl import Acl, Rule
+from vproxy.config import parse_agent_config
+from vproxy.errors import ChannelRefused, UserError
+from vproxy.mux import OpenRequest, RefuseCode
+from vproxy.tls import Identity
+
+
+def who(cn, *dns):
+    return Identity(cn, tuple(dns), (), ())
+
+
+def req(vm, channel, mode="rw"):
+    return OpenRequest(vm, channel, mode)
+
+
+ACL = Acl([
+    Rule(("alice",), ("web*",), ("console", "vnc"), ("rw",)),
+    Rule(("ops-*",), ("*",), ("*",), ("force", "hotplug")),
+    Rule(("ci",), ("test-vm",), ("channel:org.vproxy.*",), ("rw", "hotplug")),
+    Rule(("viewer",), ("*",), ("console:serial0",), ("ro",)),
+])
+
+
+@pytest.mark.parametrize("identity, request_, allowed", [
+    (who("alice"), req("web1", "console"), True),
+    (who("alice"), req("web1", "console:serial1", "ro"), True),   # rw includes ro
+    (who("alice"), req("web1", "console", "force"), False),        # but not force
+    (who("alice"), req("db1", "console"), False),                  # VM glob
+    (who("alice"), req("web1", "channel:org.qemu.guest_agent.0"), False),
+    (who("bob"), req("web1", "console"), False),                   # deny by default
+    (who("x", "ops-1.example"), req("db1", "vnc", "force"), True),  # SAN matches
+    (who("ops-2"), req("db1", "channel:anything", "hotplug"), True),
+    (who("ci"), req("test-vm", "channel:org.vproxy.echo", "hotplug"), True),
+    (who("ci"), req("test-vm", "channel:org.qemu.guest_agent.0"), False),
+    (who("ci"), req("test-vm", "console", "ro"), False),
+    (who("viewer"), req("any", "console:serial0", "ro"), True),
+    (who("viewer"), req("any", "console:serial0", "rw"), False),
+    (who("viewer"), req("any", "console", "ro"), False),           # only the named console
+])
+def test_acl_decisions(identity, request_, allowed):
+    assert ACL.allows(identity, request_) is allowed
+
+
+def test_refusal_says_who_what_and_why():
+    with pytest.raises(ChannelRefused) as info:
+        ACL.check(who("alice"), req("web1", "console", "force"))
+    assert info.value.code == RefuseCode.FORBIDDEN
+    assert info.value.message == "alice may not open console of VM web1: mode force is not granted (only ro, rw)"
+    with pytest.raises(ChannelRefused) as info:
+        ACL.check(who("mallory"), req("web1", "vnc"))
+    assert info.value.message.endswith("no ACL rule grants it")
+
+
+def test_visible_vms():
+    assert ACL.visible_vms(who("alice"), ["web1", "db1", "web2"]) == ["web1", "web2"]
+    assert ACL.visible_vms(who("nobody"), ["web1"]) == []
+
+
+def test_config_file_parses_vms_and_rules():
+    cfg = parse_agent_config({
+        "listen": "0.0.0.0:7443", "vm_dir": "/run/q", "console_ring": 4096,
+        "vm": [{"name": "web1", "qmp": "/run/web1.qmp"}],
+        "allow": [{"identities": ["alice"], "vms": ["web1"], "modes": ["force"]}],
+    })
+    assert cfg.vms == [("web1", "/run/web1.qmp")]
+    assert cfg.settings["console_ring"] == 4096
+    assert cfg.acl.allows(who("alice"), req("web1", "vnc", "force"))
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"lisen": "x"}, "unknown key 'lisen'"),
+    ({"console_ring": "big"}, "console_ring has the wrong type"),
+    ({"vm": [{"name": "a"}]}, "[[vm]] #1: needs exactly name"),
+    ({"vm": [{"name": "a", "qmp": "/x"}, {"name": "a", "qmp": "/y"}]}, "configured twice"),
+    ({"allow": [{"vms": ["*"]}]}, "needs identities"),
+    ({"allow": [{"identities": ["a"], "modes": ["write"]}]}, "unknown mode(s) write"),
+    ({"allow": [{"identities": ["a"], "channels": ["serial"]}]}, "unknown channel 'serial'"),
+    ({"allow": [{"identities": "a", "hosts": ["x"]}]}, "unknown key(s) hosts"),
+])
+def test_config_errors_name_the_key(data, needle):
+    with pytest.raises(UserError) as info:
+        parse_agent_config(data, "agent.toml")
+    assert needle in info.value.message and info.value.message.startswith("agent.toml")

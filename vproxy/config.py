@@ -1,0 +1,93 @@
+"""The agent's configuration file (TOML; see man/vproxy.conf.5).
+
+    listen = "0.0.0.0:7443"
+    identity = "vmhost1"            # or cert/key/ca/crl paths
+    vm_dir = "/run/vproxy/qmp"      # every socket NAME.qmp in it is VM NAME
+    console_ring = 1048576          # bytes of console history kept per console
+    console_log_dir = "/var/log/vproxy/consoles"
+    audit_log = "/var/log/vproxy/audit.log"
+
+    [[vm]]
+    name = "web1"
+    qmp = "/run/qemu/web1.qmp"
+
+    [[allow]]
+    identities = ["alice", "ops-*"]
+    vms = ["web*"]
+    channels = ["console", "vnc", "channel:org.qemu.guest_agent.0"]
+    modes = ["rw"]
+
+Everything wrong in the file is a UserError naming the file and the key.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .acl import Acl, rule_from_dict
+from .errors import UserError
+
+KEYS = {
+    "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
+    "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
+    "console_log_dir": str, "vm": list, "allow": list,
+}
+
+
+@dataclass
+class AgentFileConfig:
+    settings: Dict[str, Any] = field(default_factory=dict)  # the scalar keys, as given
+    vms: List[Tuple[str, str]] = field(default_factory=list)  # (name, qmp path)
+    acl: Acl = field(default_factory=Acl)
+
+
+def load_toml(path: str) -> Dict[str, Any]:
+    try:
+        import tomllib as toml  # Python 3.11+
+    except ImportError:
+        try:
+            import tomli as toml  # vendored in the .pyz for Python 3.9 and 3.10
+        except ImportError:
+            raise UserError("reading %s needs the tomli package on Python < 3.11" % path,
+                            hint="pip install tomli, or use dist/vproxy.pyz which bundles it") from None
+    try:
+        with open(path, "rb") as f:
+            return toml.load(f)
+    except OSError as e:
+        raise UserError("cannot read config file %s: %s" % (path, e.strerror)) from None
+    except toml.TOMLDecodeError as e:
+        raise UserError("config file %s is not valid TOML: %s" % (path, e)) from None
+
+
+def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileConfig:
+    out = AgentFileConfig()
+    for key, value in data.items():
+        kind = KEYS.get(key)
+        if kind is None:
+            raise UserError("%s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(KEYS))))
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError("%s: %s has the wrong type (%s)" % (path, key, type(value).__name__))
+        if key not in ("vm", "allow"):
+            out.settings[key] = value
+    for index, vm in enumerate(data.get("vm", [])):
+        where = "%s: [[vm]] #%d" % (path, index + 1)
+        if not isinstance(vm, dict) or set(vm) != {"name", "qmp"} or not all(isinstance(v, str) and v for v in vm.values()):
+            raise UserError("%s: needs exactly name = \"...\" and qmp = \"/path/to/qmp.sock\"" % where)
+        if any(vm["name"] == name for name, _ in out.vms):
+            raise UserError("%s: VM %r is configured twice" % (where, vm["name"]))
+        out.vms.append((vm["name"], vm["qmp"]))
+    rules = []
+    for index, rule in enumerate(data.get("allow", [])):
+        where = "%s: [[allow]] #%d" % (path, index + 1)
+        if not isinstance(rule, dict):
+            raise UserError("%s: must be a table" % where)
+        rules.append(rule_from_dict(rule, where))
+    out.acl = Acl(rules)
+    if out.settings.get("console_ring", 1) <= 0:
+        raise UserError("%s: console_ring must be positive" % path)
+    return out
+
+
+def load_agent_config(path: Optional[str]) -> AgentFileConfig:
+    if not path:
+        return AgentFileConfig()
+    return parse_agent_config(load_toml(path), path)
