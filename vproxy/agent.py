@@ -9,8 +9,8 @@ import asyncio
 import logging
 import ssl
 import time
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
 
 from . import mux, tls, transport
 from .errors import ChannelRefused, SessionClosed, StreamReset
@@ -33,6 +33,10 @@ class AgentConfig:
     crl: Optional[str] = None
     mux_config: Optional[mux.Config] = None
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    vms: List[Tuple[str, str]] = field(default_factory=list)  # (name, QMP socket path)
+    vm_dir: Optional[str] = None  # every socket NAME.qmp in it is VM NAME
+    console_ring: int = 1 << 20  # bytes of history per console
+    console_log_dir: Optional[str] = None
 
 
 class AgentSession(Session):
@@ -77,6 +81,7 @@ class Agent:
         self.providers = {"": BuiltinProvider()}
         self.providers.update(providers or {})
         self.acl = acl
+        self.registry = None  # vproxy.qemu.vms.VMRegistry, when VMs are configured
         self.sessions: "set[AgentSession]" = set()
         self._servers: List[transport.Server] = []
         self._ssl: Optional[ssl.SSLContext] = None
@@ -92,6 +97,14 @@ class Agent:
     async def start(self) -> None:
         c = self.config
         self._ssl = tls.server_context(c.cert, c.key, c.ca, c.crl)
+        if (c.vms or c.vm_dir) and "vm" not in self.providers:
+            from .qemu.provider import QemuProvider
+            from .qemu.vms import VMRegistry
+
+            self.registry = VMRegistry(c.vms, c.vm_dir, ring_size=c.console_ring,
+                                       log_dir=c.console_log_dir)
+            await self.registry.start()
+            self.providers["vm"] = QemuProvider(self.registry)
         server = await transport.start_server(
             lambda: AgentSession(self), c.listen_host, c.listen_port, self._ssl,
             handshake_timeout=c.handshake_timeout,
@@ -112,6 +125,19 @@ class Agent:
                                  return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
+        if self.registry is not None:
+            await self.registry.stop()
+
+    async def listing(self, identity) -> List[dict]:
+        """What `vproxy ls` shows this identity: the VMs the ACL lets it open anything on."""
+        provider = self.providers.get("vm")
+        if provider is None:
+            return []
+        vms = await provider.describe()
+        if self.acl is None:
+            return []
+        visible = set(self.acl.visible_vms(identity, [vm["vm"] for vm in vms]))
+        return [vm for vm in vms if vm["vm"] in visible]
 
     async def serve_stream(self, session: AgentSession, stream: Stream) -> None:
         request = stream.request
@@ -119,6 +145,11 @@ class Agent:
         started = time.monotonic()
         result = "ok"
         try:
+            if not request.vm and request.channel == "ls":
+                channel = ListingChannel(await self.listing(identity))
+                stream.accept(channel.info)
+                await channel.run(stream)
+                return
             provider = self.providers.get("" if not request.vm else "vm")
             if provider is None:
                 raise ChannelRefused(RefuseCode.NO_SUCH_VM,
@@ -158,6 +189,20 @@ class Agent:
             _quote(str(identity)), _quote(request.vm or "-"), _quote(request.channel), request.mode,
             result, stream.bytes_in, stream.bytes_out, time.monotonic() - started,
         )
+
+
+class ListingChannel:
+    """The built-in channel "ls": one JSON document describing the VMs, then EOF."""
+
+    def __init__(self, vms: List[dict]):
+        self.vms = vms
+        self.info = {"format": "json"}
+
+    async def run(self, stream: Stream) -> None:
+        import json
+
+        await stream.write(json.dumps({"vms": self.vms}).encode())
+        await stream.close()
 
 
 def _quote(text: str) -> str:

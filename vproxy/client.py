@@ -7,8 +7,9 @@
 """
 
 import asyncio
+import json
 import ssl
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import mux, tls, transport
 from .errors import SessionClosed, UserError
@@ -59,6 +60,18 @@ class Client:
             priority = Priority.INTERACTIVE if channel.startswith("console") else Priority.BULK
         request = OpenRequest(vm, channel, mode, dict(options or {}))
         return await self.session.open(request, priority, timeout)
+
+    async def list_vms(self) -> List[dict]:
+        """The VMs this identity may open, with their channels (what `vproxy ls` shows)."""
+        stream = await self.open("", "ls", "ro")
+        parts = []
+        while True:
+            chunk = await stream.read()
+            if not chunk:
+                break
+            parts.append(chunk)
+        await stream.close()
+        return json.loads(b"".join(parts))["vms"]
 
     async def ping(self) -> float:
         return await self.session.ping()

@@ -49,31 +49,94 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 
 @main.command()
-@click.option("--listen", "listen", default="127.0.0.1:7443", show_default=True, metavar="ADDR",
-              help="Address and port to listen on (HOST:PORT; [::] or 0.0.0.0 for all).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              envvar="VPROXY_CONFIG",
+              help="Agent configuration file (TOML, see vproxy.conf(5)); options given here "
+                   "override it [env: VPROXY_CONFIG].")
+@click.option("--listen", "listen", default=None, metavar="ADDR",
+              help="Address and port to listen on (HOST:PORT; [::] or 0.0.0.0 for all). "
+                   "[default: 127.0.0.1:7443]")
 @tls_options(server=True)
-@click.option("--handshake-timeout", type=float, default=5.0, show_default=True, metavar="SECONDS",
-              help="Drop a connection whose TLS handshake takes longer.")
+@click.option("--vm", "vms", multiple=True, metavar="NAME=QMP",
+              help="Serve the VM NAME whose QEMU listens for QMP on the unix socket QMP "
+                   "(repeatable).")
+@click.option("--vm-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Serve every VM whose QMP socket is in DIR (NAME.qmp is VM NAME); "
+                   "sockets that appear later are picked up.")
+@click.option("--allow", "allow", multiple=True, metavar="IDENTITY",
+              help="Give IDENTITY (a certificate CN or SAN glob) every right on every VM "
+                   "(repeatable); finer rules go in the config file.")
+@click.option("--console-ring", type=click.IntRange(4096), default=None, metavar="BYTES",
+              help="Console history kept per console. [default: 1048576]")
+@click.option("--console-log-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also append each console's output to DIR/VM.CONSOLE.log.")
+@click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
+              help="Drop a connection whose TLS handshake takes longer. [default: 5]")
 @click.option("--audit-log", type=click.Path(dir_okay=False), metavar="FILE",
               help="Append one audit line per channel open to FILE (default: stderr).")
-def serve(listen: str, handshake_timeout: float, audit_log, **tls_args) -> None:
-    """Run the agent: accept mTLS sessions and serve channels.
+def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
+          handshake_timeout, audit_log, **tls_args) -> None:
+    """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
-    The agent always offers the built-in channels sink, source and echo (used by
-    `vproxy bench`) to any client whose certificate the CA signed.
+    Access is denied unless an ACL rule (config file, or --allow) grants it. The
+    built-in channels sink, source and echo (used by `vproxy bench`) are open to any
+    client whose certificate the CA signed.
+
+    \b
+    Examples:
+      vproxy serve --identity vmhost1 --vm web1=/run/qemu/web1.qmp --allow alice
+      vproxy serve --config /etc/vproxy/agent.toml
+    """
+    from ..acl import Rule
+    from ..agent import Agent, AgentConfig
+    from ..client import parse_address
+    from ..config import load_agent_config
+    from ..errors import UserError
+    from .serving import run_agent
+
+    file_config = load_agent_config(config_path)
+    settings = file_config.settings
+    for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
+        if not tls_args.get(key) and settings.get(key):
+            tls_args[key] = settings[key]
+    host, port = parse_address(listen or settings.get("listen", "127.0.0.1:7443"), listening=True)
+    paths = resolve_tls(tls_args, server=True)
+    vm_list = list(file_config.vms)
+    for spec in vms:
+        name, sep, qmp = spec.partition("=")
+        if not sep or not name or not qmp:
+            raise UserError("--vm %r: expected NAME=QMP_SOCKET_PATH" % spec,
+                            hint="e.g. --vm web1=/run/qemu/web1.qmp")
+        vm_list = [v for v in vm_list if v[0] != name] + [(name, qmp)]
+    acl = file_config.acl
+    if allow:
+        acl.rules.append(Rule(tuple(allow), ("*",), ("*",), ("force", "hotplug")))
+    config = AgentConfig(
+        listen_host=host, listen_port=port,
+        handshake_timeout=handshake_timeout or settings.get("handshake_timeout", 5.0),
+        vms=vm_list, vm_dir=vm_dir or settings.get("vm_dir"),
+        console_ring=console_ring or settings.get("console_ring", 1 << 20),
+        console_log_dir=console_log_dir or settings.get("console_log_dir"),
+        **paths)
+    run_async(run_agent(Agent(config, acl=acl), audit_log or settings.get("audit_log")))
+
+
+@main.command(name="ls")
+@click.argument("hosts", nargs=-1, required=True, metavar="HOST[:PORT]...")
+@tls_options(server=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list, one object per host).")
+def ls_command(hosts, as_json: bool, **tls_args) -> None:
+    """List the VMs of one or more agents that you may open, with their state, their
+    consoles, guest channels and VNC display, and who is attached to each.
 
     \b
     Example:
-      vproxy serve --listen 0.0.0.0:7443 --identity vmhost1
+      vproxy ls vmhost1 vmhost2 --identity alice
     """
-    from ..agent import Agent, AgentConfig
-    from ..client import parse_address
-    from .serving import run_agent
+    from .serving import run_ls
 
-    host, port = parse_address(listen, listening=True)
-    paths = resolve_tls(tls_args, server=True)
-    config = AgentConfig(listen_host=host, listen_port=port, handshake_timeout=handshake_timeout, **paths)
-    run_async(run_agent(Agent(config), audit_log))
+    paths = resolve_tls(tls_args, server=False)
+    sys.exit(run_async(run_ls(hosts, paths, as_json)))
 
 
 @main.command()

@@ -60,3 +60,51 @@ async def run_bench(host: str, paths: Dict[str, Optional[str]], seconds: float, 
         click.echo("  streams     %9d of %d echoed intact in %.3f s"
                    % (r.streams_ok, r.streams, r.streams_seconds))
     return 0 if result.streams_ok == result.streams else 1
+
+
+async def run_ls(hosts, paths: Dict[str, Optional[str]], as_json: bool) -> int:
+    from ..client import connect
+    from ..errors import UserError
+
+    async def one(host):
+        try:
+            client = await connect(host, **paths)
+        except UserError as e:
+            return {"host": host, "error": e.message, "vms": []}
+        try:
+            return {"host": host, "error": "", "vms": await client.list_vms()}
+        finally:
+            await client.close()
+
+    results = await asyncio.gather(*(one(h) for h in hosts))
+    if as_json:
+        click.echo(json.dumps(list(results), indent=2))
+    else:
+        for result in results:
+            click.echo(format_listing(result))
+    return 0 if all(not r["error"] for r in results) else EXIT_UNREACHABLE
+
+
+def format_listing(result: dict) -> str:
+    lines = []
+    if result["error"]:
+        return "%s: error: %s" % (result["host"], result["error"])
+    if not result["vms"]:
+        return "%s: no VMs you may open" % result["host"]
+    for vm in result["vms"]:
+        lines.append("%s/%s  %s%s" % (result["host"], vm["vm"], vm["state"],
+                                       "  (%s)" % vm["error"] if vm.get("error") else ""))
+        for con in vm.get("consoles", []):
+            who = ", ".join(con["viewers"]) or "nobody attached"
+            writer = "; writer %s" % con["writer"] if con.get("writer") else ""
+            lines.append("  console:%-22s %s, %d bytes buffered; %s%s"
+                         % (con["id"], con["status"], con["buffered"], who, writer))
+        for ch in vm.get("channels", []):
+            lines.append("  channel:%-22s guest %s; %s" % (ch["name"], ch.get("guest", "?"),
+                                                        ch.get("holder") or "free"))
+        vnc = vm.get("vnc") or {}
+        if vnc.get("available"):
+            lines.append("  vnc%-27s %d viewer(s)" % ("", vnc.get("viewers", 0)))
+        else:
+            lines.append("  vnc%-27s none (%s)" % ("", vnc.get("reason", "no display")))
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""End to end: real QEMU, the real agent process, real mutual TLS, the client API and CLI.
+
+The boot-sector guest's console and VNC display and the Linux guest's virtio-serial port,
+reached through `vproxy serve` exactly as a remote user would.
+"""
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
+from vproxy.client import connect
+from vproxy.errors import ChannelRefused
+from vproxy.mux import RefuseCode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+class AgentProcess:
+    """`vproxy serve` in a child process, with a config file."""
+
+    def __init__(self, pki, tmp_path, vms, allow):
+        self.audit = tmp_path / "audit.log"
+        config = tmp_path / "agent.toml"
+        lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
+                 'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl, 'audit_log = "%s"' % self.audit]
+        for name, qmp in vms:
+            lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
+        for rule in allow:
+            lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
+        config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--config", str(config)],
+                                     stderr=subprocess.PIPE, env=ENV, text=True)
+        line = self.proc.stderr.readline()
+        assert "listening on" in line, line + self.proc.stderr.read()
+        self.address = line.split("listening on ")[1].strip()
+
+    def audit_lines(self):
+        return self.audit.read_text().splitlines() if self.audit.exists() else []
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+def connect_as(pki, pair, address):
+    return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost")
+
+
+async def read_until(stream, needle, timeout=30.0):
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, "timed out waiting for %r; got %r" % (needle, data[-200:])
+        chunk = await asyncio.wait_for(stream.read(), left)
+        assert chunk, "EOF waiting for %r; got %r" % (needle, data[-200:])
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def bootvm(tmp_path):
+    vm = boot_sector_vm(tmp_path / "vm", name="web1", paused=False)
+    vm.start()
+    yield vm
+    vm.terminate()
+
+
+def test_console_vnc_acl_and_ls_through_the_agent(pki, tmp_path, bootvm):
+    agent = AgentProcess(pki, tmp_path, [("web1", bootvm.qmp_path)], [
+        {"identities": ["alice"], "vms": ["web*"], "channels": ["console", "vnc"], "modes": ["force"]},
+        {"identities": ["bob"], "vms": ["*"], "channels": ["console"], "modes": ["ro"]},
+    ])
+    try:
+        async def main():
+            alice = await connect_as(pki, pki.alice, agent.address)
+            console = await alice.open("web1", "console", "rw")
+            await console.write(b"hello vproxy\r")
+            await read_until(console, b"HELLO VPROXY\r\n")
+            # output printed before a viewer attached is replayed to it
+            late = await alice.open("web1", "console", "ro", {"replay": "4096"})
+            await read_until(late, b"HELLO VPROXY\r\n")
+
+            bob = await connect_as(pki, pki.bob, agent.address)
+            with pytest.raises(ChannelRefused) as info:
+                await bob.open("web1", "console", "rw")
+            assert info.value.code == RefuseCode.FORBIDDEN
+            assert "bob may not open console of VM web1: mode rw is not granted" in info.value.message
+            viewer = await bob.open("web1", "console", "ro")  # read-only is granted
+            await console.write(b"seen by bob\r")
+            await read_until(viewer, b"SEEN BY BOB")
+            with pytest.raises(ChannelRefused) as info:
+                await bob.open("web1", "vnc", "rw")
+            assert info.value.code == RefuseCode.FORBIDDEN
+
+            vms = await alice.list_vms()
+            assert [vm["vm"] for vm in vms] == ["web1"]
+            assert "alice" in vms[0]["consoles"][0]["viewers"]
+            assert await (await connect_as(pki, pki.san_client, agent.address)).list_vms() == []
+
+            # a real VNC client through the tunnel: a local listener per VNC stream
+            async def bridge(reader, writer):
+                stream = await alice.open("web1", "vnc", "rw")
+
+                async def up():
+                    while True:
+                        data = await reader.read(65536)
+                        if not data:
+                            await stream.close()
+                            return
+                        await stream.write(data)
+
+                async def down():
+                    while True:
+                        data = await stream.read()
+                        if not data:
+                            writer.close()
+                            return
+                        writer.write(data)
+                        await writer.drain()
+
+                await asyncio.gather(up(), down(), return_exceptions=True)
+
+            server = await asyncio.start_server(bridge, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            shot = tmp_path / "screen.png"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "vncdotool.command", "-s", "127.0.0.1::%d" % port,
+                "capture", str(shot), stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            server.close()
+            from PIL import Image
+
+            image = Image.open(shot)
+            assert image.size == (720, 400) or image.size[0] >= 640
+            assert len(set(image.convert("RGB").getdata())) > 1  # not a blank screen
+            await alice.close()
+            await bob.close()
+
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        agent.stop()
+    audit = agent.audit_lines()
+    assert any("identity=bob vm=web1 channel=console mode=rw result='refused:" in l for l in audit)
+    assert any("identity=alice vm=web1 channel=console mode=rw result=" in l and "in=25 out=27" in l for l in audit)
+    assert any("identity=alice vm=web1 channel=vnc" in l for l in audit)
+
+
+def test_ls_from_the_command_line(pki, tmp_path, bootvm):
+    agent = AgentProcess(pki, tmp_path, [("web1", bootvm.qmp_path)],
+                         [{"identities": ["alice"], "vms": ["*"]}])
+    try:
+        args = [sys.executable, "-m", "vproxy", "ls", agent.address, "--cert", pki.alice.cert,
+                "--key", pki.alice.key, "--ca", pki.ca]
+        deadline = time.monotonic() + 20
+        while True:  # the agent takes the console over right after QMP connects
+            out = subprocess.run(args + ["--json"], capture_output=True, text=True, env=ENV, timeout=60)
+            assert out.returncode == 0, out.stderr
+            (host,) = json.loads(out.stdout)
+            if host["vms"] and host["vms"][0]["consoles"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert host["host"] == agent.address and host["vms"][0]["vm"] == "web1"
+        assert host["vms"][0]["consoles"][0]["id"] == "serial0"
+        text = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=60)
+        assert "%s/web1  running" % agent.address in text.stdout
+        assert "console:serial0" in text.stdout and "vnc" in text.stdout
+    finally:
+        agent.stop()
+
+
+def test_64_mib_through_a_guest_channel_over_tls(pki, tmp_path):
+    vm = linux_vm(tmp_path / "vm", name="lin")
+    vm.start()
+    agent = AgentProcess(pki, tmp_path, [("lin", vm.qmp_path)],
+                         [{"identities": ["alice"], "vms": ["lin"], "channels": ["channel:org.vproxy.*"],
+                           "modes": ["rw", "hotplug"]}])
+    try:
+        async def main():
+            client = await connect_as(pki, pki.alice, agent.address)
+            deadline = time.monotonic() + 60
+            while True:  # the guest's echo loop starts once it has booted
+                try:
+                    stream = await client.open("lin", "channel:org.vproxy.echo.e2e", "hotplug")
+                    break
+                except ChannelRefused as e:
+                    assert time.monotonic() < deadline, e.message
+                    await asyncio.sleep(1)
+            size = 64 * 1024 * 1024
+            block = os.urandom(1 << 20)
+            want = hashlib.sha256(block * 64).hexdigest()
+
+            async def send():
+                for _ in range(64):
+                    await stream.write(block)
+
+            async def receive():
+                got = hashlib.sha256()
+                n = 0
+                while n < size:
+                    chunk = await stream.read(1 << 20)
+                    assert chunk, "EOF after %d bytes" % n
+                    got.update(chunk)
+                    n += len(chunk)
+                return got.hexdigest()
+
+            start = time.monotonic()
+            _, digest = await asyncio.gather(send(), receive())
+            print("64 MiB through a hotplugged guest channel over TLS in %.1f s" % (time.monotonic() - start))
+            assert digest == want
+            await client.close()
+
+        asyncio.run(asyncio.wait_for(main(), 300))
+    finally:
+        agent.stop()
+        vm.terminate()
