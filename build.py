@@ -72,6 +72,9 @@ VENDOR: Tuple[Wheel, ...] = (
           "63c132bbbed01578a06712a2d1f497bb62d9c1c0d329b7903a866228027263b2", ("click",)),
     Wheel("qemu.qmp", "0.0.6", "qemu_qmp-0.0.6-py3-none-any.whl",
           "5d7c5af0e9de427696e3bf72e333965c3a697929f77f6b7ddc30c989fc7b539b", ("qemu/qmp",)),
+    # the agent's config file is TOML; Python 3.11+ has tomllib, 3.9 and 3.10 use this
+    Wheel("tomli", "2.0.1", "tomli-2.0.1-py3-none-any.whl",
+          "939de3e7a6161af0c887ef91b7d41a53e7c5a1ca976325f429cb46ea9bc30ecc", ("tomli",)),
 )
 
 # What never goes into the archive from the source tree.

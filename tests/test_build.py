@@ -91,8 +91,8 @@ def test_archive_layout():
                for n in names)
     # No build tree, test or cache files beyond the package and the vendored code.
     roots = {n.split("/")[0] for n in names}
-    assert roots <= {"__main__.py", "vproxy", "click", "qemu", "click-8.1.8.dist-info",
-                     "qemu_qmp-0.0.6.dist-info"}, roots
+    assert roots <= {"__main__.py", "vproxy", "click", "qemu", "tomli", "click-8.1.8.dist-info",
+                     "qemu_qmp-0.0.6.dist-info", "tomli-2.0.1.dist-info"}, roots
 
 
 def test_every_package_file_is_in_the_archive(tmp_path):

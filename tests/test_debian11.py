@@ -248,8 +248,10 @@ def test_bench_agent_inside_client_on_host(root, inside, pki, bare):
     cert = inside.put(pki.server.cert, "server.pem")
     key = inside.put(pki.server.key, "server.key")
     port = free_port()
-    serve = ["python3", inside.path("vproxy.pyz"), "serve", "--listen", "127.0.0.1:%d" % port,
-             "--cert", cert, "--key", key, "--ca", ca]
+    # the agent reads a TOML config file: the vendored tomli on 3.9, tomllib on 3.13
+    (inside.host / "agent.toml").write_text(
+        'listen = "127.0.0.1:%d"\ncert = "%s"\nkey = "%s"\nca = "%s"\n' % (port, cert, key, ca))
+    serve = ["python3", inside.path("vproxy.pyz"), "serve", "--config", inside.path("agent.toml")]
     with agent(lambda argv, **kw: popen_in_root(root, argv, **kw), serve) as a:
         port = a.wait_ready()
         t0 = time.monotonic()
