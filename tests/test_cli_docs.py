@@ -42,3 +42,13 @@ def test_user_errors_are_one_line_without_a_traceback():
     assert out.returncode == 2
     assert out.stderr.startswith("vproxy: error: ") and "Traceback" not in out.stderr
     assert "/nonexistent" in out.stderr
+
+
+def test_every_config_key_is_in_vproxy_conf_5():
+    from vproxy.config import KEYS
+
+    page = open(os.path.join(os.path.dirname(PAGE), "vproxy.conf.5")).read()
+    documented = set(re.findall(r"Cm \[*([a-z_]+)", page)) | set(re.findall(r"\b([a-z_]+) =", page))
+    for line in re.findall(r"^\.It Cm (.*?) No", page, re.M):
+        documented |= {k.strip() for k in line.split(",")}
+    assert set(KEYS) <= documented, set(KEYS) - documented
