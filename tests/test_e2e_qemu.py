@@ -223,3 +223,57 @@ def test_64_mib_through_a_guest_channel_over_tls(pki, tmp_path):
     finally:
         agent.stop()
         vm.terminate()
+
+
+def test_qemu_killed_mid_stream_and_started_again(pki, tmp_path):
+    """web1's QEMU is SIGKILLed while a client reads its console: the client gets a clear
+    reset, web2 on the same agent keeps working, and web1 is served again once its QEMU
+    is back (same QMP path)."""
+    web1 = boot_sector_vm(tmp_path / "web1", name="web1")
+    web2 = boot_sector_vm(tmp_path / "web2", name="web2")
+    web1.start()
+    web2.start()
+    agent = AgentProcess(pki, tmp_path, [("web1", web1.qmp_path), ("web2", web2.qmp_path)],
+                         [{"identities": ["alice"]}])
+    try:
+        async def main():
+            from vproxy.errors import StreamReset
+
+            client = await connect_as(pki, pki.alice, agent.address)
+            one = await client.open("web1", "console")
+            two = await client.open("web2", "console")
+            await one.write(b"a\r")
+            await read_until(one, b"A\r\n")
+            web1.kill()
+            with pytest.raises(StreamReset) as info:
+                while await asyncio.wait_for(one.read(), 20):
+                    pass
+            assert "web1" in info.value.message and "QEMU" in info.value.message
+            reset_message = info.value.message
+            await two.write(b"still here\r")
+            await read_until(two, b"STILL HERE\r\n")
+            web1.wait(10)
+            web1.proc = None
+            web1.start()
+            deadline = time.monotonic() + 30
+            while True:
+                again = None
+                try:  # input typed before the new QEMU is taken over goes nowhere: retry
+                    again = await client.open("web1", "console")
+                    await again.write(b"back\r")
+                    await read_until(again, b"BACK\r\n", timeout=3)
+                    break
+                except (ChannelRefused, StreamReset, AssertionError, asyncio.TimeoutError):
+                    assert time.monotonic() < deadline, "web1 was not served again"
+                    if again is not None:
+                        again.reset()  # give up the writer role before the next try
+                    await asyncio.sleep(0.5)
+            await client.close()
+            return reset_message
+
+        reset_message = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        agent.stop()
+        web1.terminate()
+        web2.terminate()
+    assert any("vm=web1" in line and reset_message in line for line in agent.audit_lines())

@@ -165,6 +165,8 @@ class Agent:
         stream.accept(channel.info)
         try:
             await channel.run(stream)
+            if stream.error is not None:  # the channel reset it, e.g. QEMU went away
+                result = "ended: %s" % stream.error
         except (StreamReset, SessionClosed) as e:
             result = "ended: %s" % e
         except asyncio.CancelledError:
