@@ -44,7 +44,7 @@ def test_a_good_client_gets_a_session_and_builtin_channels(pki):
         assert info.value.code == RefuseCode.NO_SUCH_CHANNEL
         with pytest.raises(ChannelRefused) as info:
             await client.open("web1", "console")
-        assert info.value.code == RefuseCode.NO_SUCH_VM and "no VMs" in info.value.message
+        assert info.value.code == RefuseCode.FORBIDDEN and "has no ACL" in info.value.message
         assert len(agent.sessions) == 1
         await client.close()
         await agent.shutdown()

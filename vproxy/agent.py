@@ -150,12 +150,12 @@ class Agent:
                 stream.accept(channel.info)
                 await channel.run(stream)
                 return
+            if request.vm:  # before anything else: say nothing about VMs to strangers
+                self._authorize(identity, request)
             provider = self.providers.get("" if not request.vm else "vm")
             if provider is None:
                 raise ChannelRefused(RefuseCode.NO_SUCH_VM,
                                      "this agent serves no VMs (no QEMU configured)")
-            if request.vm:
-                self._authorize(identity, request)
             channel = await provider.open(request, identity)
         except ChannelRefused as e:
             result = "refused: %s" % e.message
