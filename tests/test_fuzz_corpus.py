@@ -1,0 +1,25 @@
+"""Replay the coverage-guided fuzzing corpus (fuzz/corpus/) through the core on every run:
+each input gives events, never an exception (see fuzz/fuzz_session.py)."""
+
+import os
+import sys
+
+import pytest
+
+FUZZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz")
+sys.path.insert(0, FUZZ)
+
+from harness import check  # noqa: E402
+
+CORPUS = os.path.join(FUZZ, "corpus", "session")
+INPUTS = sorted(os.listdir(CORPUS))
+
+
+def test_the_corpus_is_there():
+    assert len(INPUTS) >= 50
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_corpus_input(name):
+    with open(os.path.join(CORPUS, name), "rb") as f:
+        check(f.read())
