@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from memstream import open_channel, read_exactly
+from memstream import open_channel, read_exactly, read_until
 from vmtools import boot_sector_vm, qemu_available
 from vproxy.errors import ChannelRefused, StreamReset
 from vproxy.mux import RefuseCode, ResetCode
@@ -167,25 +167,40 @@ linux = pytest.mark.skipif(not _linux_guest_available(),
                            reason="tests/guests/linux_guest.py not available yet")
 
 
+def boot_linux(tmp_path, name="lin"):
+    """Start the Linux guest and wait until it says its echo ports run. (Watches the
+    console with a takeover of its own, as the agent would; the agent later re-attaches
+    it with add_client.)"""
+    from guests.linux_guest import READY_MARKER
+    from vmtools import linux_vm, qmp_connect, read_until, take_over_chardev
+
+    vm = linux_vm(tmp_path, name=name)
+    vm.start()
+
+    async def watch():
+        qmp = await qmp_connect(vm)
+        try:
+            sock = await take_over_chardev(qmp)
+        finally:
+            await qmp.disconnect()
+        try:
+            await asyncio.get_event_loop().run_in_executor(None, read_until, sock, READY_MARKER, 120.0)
+        finally:
+            sock.close()
+
+    try:
+        asyncio.run(watch())
+    except BaseException:
+        vm.terminate()
+        raise
+    return vm
+
+
 @pytest.fixture(scope="module")
 def linux_vm(tmp_path_factory):
-    from vmtools import linux_vm as make
-
-    vm = make(tmp_path_factory.mktemp("linux"), name="lin")
-    vm.start()
+    vm = boot_linux(tmp_path_factory.mktemp("linux"))
     yield vm
     vm.terminate()
-
-
-async def wait_guest_echo_ready(provider, registry, timeout=120.0):
-    """The Linux guest is up once its console says so (it opens its echo ports)."""
-    from guests.linux_guest import READY_MARKER  # what the guest prints when its ports run
-
-    console = registry.get("lin").consoles.consoles["serial0"]
-    deadline = time.monotonic() + timeout
-    while READY_MARKER not in console.ring.read_all(console.ring.start):
-        assert time.monotonic() < deadline, console.ring.read_all(console.ring.start)[-2000:]
-        await asyncio.sleep(0.1)
 
 
 @linux
@@ -195,7 +210,6 @@ def test_linux_hotplug_echo_16mib(linux_vm):
 
     async def main():
         async with agent(linux_vm) as (provider, registry):
-            await wait_guest_echo_ready(provider, registry)
             s = await open_channel(provider, "lin", "channel:org.vproxy.echo.hot", "hotplug")
             n = await asyncio.wait_for(s.next_notice(), 60)
             assert n == {"event": "guest-open"}
@@ -234,15 +248,75 @@ def test_linux_hotplug_echo_16mib(linux_vm):
 
 
 @linux
-def test_linux_qemu_killed(tmp_path):
-    from vmtools import linux_vm as make
+def test_linux_static_port(linux_vm):
+    """A boot-time port with a null chardev: taken over while the VM runs, one client
+    at a time, re-attached (add_client) for the next client."""
 
-    vm = make(tmp_path, name="lin")
-    vm.start()
+    async def main():
+        async with agent(linux_vm) as (provider, registry):
+            for who in ("alice", "bob"):
+                s = await open_channel(provider, "lin", "channel:org.vproxy.echo0", identity=who)
+                assert s.info["hotplugged"] == "no"
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "lin", "channel:org.vproxy.echo0", identity="eve")
+                assert e.value.code == RefuseCode.BUSY
+                assert e.value.message == "guest channel org.vproxy.echo0 of VM lin is in use by %s" % who
+                msg = b"hello from %s\n" % who.encode()
+                await s.write(msg)
+                assert await read_exactly(s, len(msg), timeout=30) == msg
+                await end(s)
+
+    asyncio.run(main())
+
+
+async def login(con, login_prompt, shell_prompt):
+    """Log in on the fake login. (Typed right after the prompt that follows an empty
+    name, the name is sometimes lost in the guest: so retry.)"""
+    await con.write(b"\r")
+    await read_until(con, login_prompt, timeout=30)
+    buf = bytearray()
+    for _ in range(5):
+        await con.write(b"root\r")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await read_until(con, shell_prompt, timeout=5, buf=buf)
+            return
+    pytest.fail("no shell prompt: %r" % bytes(buf))
+
+
+@linux
+def test_linux_guest_open_close_notices(linux_vm):
+    """The guest opens and closes a hotplugged port from its shell (driven through the
+    console): the holder gets guest-open, the data, guest-close."""
+    from guests.linux_guest import LOGIN_PROMPT, SHELL_PROMPT
+
+    async def main():
+        async with agent(linux_vm) as (provider, registry):
+            port = await open_channel(provider, "lin", "channel:org.example.shell", "hotplug")
+            con = await open_channel(provider, "lin", "console", "rw")
+            await login(con, LOGIN_PROMPT, SHELL_PROMPT)
+            await con.write(
+                b"f=$(grep -l '^org.example.shell$' /sys/class/virtio-ports/*/name); "
+                b"d=/dev/$(basename $(dirname $f)); exec 4<>$d; echo hello-from-guest >&4; "
+                b"sleep 1; exec 4>&-; echo done-$((40+2))\r")
+            await read_until(con, b"done-42", timeout=60)
+            assert await asyncio.wait_for(port.next_notice(), 10) == {"event": "guest-open"}
+            assert await read_exactly(port, 17, timeout=10) == b"hello-from-guest\n"
+            assert await asyncio.wait_for(port.next_notice(), 10) == {"event": "guest-close"}
+            desc = (await provider.describe())[0]["channels"]
+            assert any(c["name"] == "org.example.shell" and c["guest"] == "closed" for c in desc)
+            await con.write(b"exit\r")
+            await end(con)
+            await end(port)
+
+    asyncio.run(main())
+
+
+@linux
+def test_linux_qemu_killed(tmp_path):
+    vm = boot_linux(tmp_path)
     try:
         async def main():
             async with agent(vm) as (provider, registry):
-                await wait_guest_echo_ready(provider, registry)
                 s = await open_channel(provider, "lin", "channel:org.vproxy.echo0")
                 await s.write(b"ping\n")
                 assert await read_exactly(s, 5, timeout=30) == b"ping\n"
