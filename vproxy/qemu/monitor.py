@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 #: `VMMonitor.state` while no QEMU is connected.
 ABSENT = "absent"
 
-# Events after which the run state is asked again.
+# Events after which the run state is asked again, and what some of them imply at once.
 _STATUS_EVENTS = frozenset(
     ["STOP", "RESUME", "SHUTDOWN", "SUSPEND", "WAKEUP", "GUEST_PANICKED", "RESET"])
+_IMPLIED_STATE = {"STOP": "paused", "RESUME": "running", "SUSPEND": "suspended",
+                  "WAKEUP": "running", "GUEST_PANICKED": "guest-panicked"}
 
 _fd_names = itertools.count(1)
 
@@ -90,6 +92,7 @@ class VMMonitor:
         self._task: Optional[asyncio.Task] = None
         self._ready: Optional[asyncio.Event] = None
         self._status_task: Optional[asyncio.Task] = None
+        self._state_gen = 0  # counts status events, so a stale query-status is dropped
         self._shutdown_reason = ""
         self._fd_lock: Optional[asyncio.Lock] = None
         self._warned_busy = False
@@ -306,12 +309,11 @@ class VMMonitor:
         data = event.get("data") or {}
         if name == "SHUTDOWN":
             self._shutdown_reason = str(data.get("reason", "shutdown"))
-        if name == "RESUME":
-            self.state = "running"
-        elif name == "STOP":
-            self.state = "paused"
-        if name in _STATUS_EVENTS and (self._status_task is None or self._status_task.done()):
-            self._status_task = asyncio.ensure_future(self._refresh_status())
+        if name in _STATUS_EVENTS:
+            self._state_gen += 1
+            self.state = _IMPLIED_STATE.get(name, self.state)
+            if self._status_task is None or self._status_task.done():
+                self._status_task = asyncio.ensure_future(self._refresh_status())
         for owner in list(self._owners):
             try:
                 owner.on_event(event)
@@ -319,12 +321,18 @@ class VMMonitor:
                 log.exception("VM %s: %r.on_event failed", self.name, owner)
 
     async def _refresh_status(self) -> None:
-        try:
-            status = await self.execute("query-status")
-        except (VMGone, QMPCommandError):
-            return
-        if self.connected:
-            self.state = str(status.get("status", "unknown"))
+        """Ask query-status; an answer overtaken by a status event is asked again."""
+        while True:
+            gen = self._state_gen
+            try:
+                status = await self.execute("query-status")
+            except (VMGone, QMPCommandError):
+                return
+            if not self.connected:
+                return
+            if gen == self._state_gen:
+                self.state = str(status.get("status", "unknown"))
+                return
 
 
 class _ConnectNoise(logging.Filter):
