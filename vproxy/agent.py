@@ -7,6 +7,7 @@ line: identity, VM, channel, mode, result, bytes each way, duration.
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class AgentConfig:
     vm_dir: Optional[str] = None  # every socket NAME.qmp in it is VM NAME
     console_ring: int = 1 << 20  # bytes of history per console
     console_log_dir: Optional[str] = None
+    local_socket: Optional[str] = None  # also listen here, clients known by uid (localmode)
 
 
 class AgentSession(Session):
@@ -58,11 +60,14 @@ class AgentSession(Session):
             log.warning("refused connection from %s: %s", peer, e)
             transport.abort()
             return
-        self.name = "session %s from %s" % (self.peer_identity, _addr(peer))
+        self.name = "session %s from %s" % (self.peer_identity, self.peer_label(peer))
         log.info("%s: connected", self.name)
         self.agent.sessions.add(self)
         self.closed.add_done_callback(lambda _: self._gone())
         super().connection_made(transport)
+
+    def peer_label(self, peer) -> str:
+        return _addr(peer)
 
     def _gone(self) -> None:
         self.agent.sessions.discard(self)
@@ -91,12 +96,16 @@ class Agent:
         out = []
         for server in self._servers:
             for sock in server.sockets:
-                out.append(_addr(sock.getsockname()))
+                if sock.family == getattr(socket, "AF_UNIX", None):
+                    out.append("unix:%s" % sock.getsockname())
+                else:
+                    out.append(_addr(sock.getsockname()))
         return out
 
     async def start(self) -> None:
         c = self.config
-        self._ssl = tls.server_context(c.cert, c.key, c.ca, c.crl)
+        if c.cert or not c.local_socket:  # local mode alone needs no certificate
+            self._ssl = tls.server_context(c.cert, c.key, c.ca, c.crl)
         if (c.vms or c.vm_dir) and "vm" not in self.providers:
             from .qemu.provider import QemuProvider
             from .qemu.vms import VMRegistry
@@ -105,12 +114,17 @@ class Agent:
                                        log_dir=c.console_log_dir)
             await self.registry.start()
             self.providers["vm"] = QemuProvider(self.registry)
-        server = await transport.start_server(
-            lambda: AgentSession(self), c.listen_host, c.listen_port, self._ssl,
-            handshake_timeout=c.handshake_timeout,
-            on_handshake_error=self._handshake_failed,
-        )
-        self._servers.append(server)
+        if self._ssl is not None:
+            server = await transport.start_server(
+                lambda: AgentSession(self), c.listen_host, c.listen_port, self._ssl,
+                handshake_timeout=c.handshake_timeout,
+                on_handshake_error=self._handshake_failed,
+            )
+            self._servers.append(server)
+        if c.local_socket:
+            from .localmode import start_local_server
+
+            self._servers.append(await start_local_server(self, c.local_socket))
 
     def _handshake_failed(self, peer, exc: BaseException) -> None:
         log.warning("refused connection from %s: %s", _addr(peer), tls.describe_tls_error(exc))

@@ -6,6 +6,7 @@
     console_ring = 1048576          # bytes of console history kept per console
     console_log_dir = "/var/log/vproxy/consoles"
     audit_log = "/var/log/vproxy/audit.log"
+    local_socket = "/run/vproxy/agent.sock"   # also serve local users, known by uid
 
     [[vm]]
     name = "web1"
@@ -29,7 +30,7 @@ from .errors import UserError
 KEYS = {
     "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
     "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
-    "console_log_dir": str, "vm": list, "allow": list,
+    "console_log_dir": str, "vm": list, "allow": list, "local_socket": str,
 }
 
 

@@ -10,7 +10,7 @@ import sys
 import click
 
 from ..errors import UserError
-from .common import EXIT_INTERRUPTED, run_async, tls_options, resolve_tls
+from .common import EXIT_INTERRUPTED, client_config, resolve_client, resolve_tls, run_async, tls_options
 
 
 def _version() -> str:
@@ -74,8 +74,11 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Drop a connection whose TLS handshake takes longer. [default: 5]")
 @click.option("--audit-log", type=click.Path(dir_okay=False), metavar="FILE",
               help="Append one audit line per channel open to FILE (default: stderr).")
+@click.option("--local-socket", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Also listen on the unix socket PATH, without TLS, for local users: the "
+                   "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
-          handshake_timeout, audit_log, **tls_args) -> None:
+          handshake_timeout, audit_log, local_socket, **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
     Access is denied unless an ACL rule (config file, or --allow) grants it. The
@@ -100,7 +103,12 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         if not tls_args.get(key) and settings.get(key):
             tls_args[key] = settings[key]
     host, port = parse_address(listen or settings.get("listen", "127.0.0.1:7443"), listening=True)
-    paths = resolve_tls(tls_args, server=True)
+    local_socket = local_socket or settings.get("local_socket")
+    if local_socket and not (listen or settings.get("listen")
+                             or any(tls_args.get(k) for k in ("identity", "cert", "key"))):
+        paths = {"cert": "", "key": "", "ca": "", "crl": None}  # local mode only: no TLS
+    else:
+        paths = resolve_tls(tls_args, server=True)
     vm_list = list(file_config.vms)
     for spec in vms:
         name, sep, qmp = spec.partition("=")
@@ -117,17 +125,18 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         vms=vm_list, vm_dir=vm_dir or settings.get("vm_dir"),
         console_ring=console_ring or settings.get("console_ring", 1 << 20),
         console_log_dir=console_log_dir or settings.get("console_log_dir"),
-        **paths)
+        local_socket=local_socket, **paths)
     run_async(run_agent(Agent(config, acl=acl), audit_log or settings.get("audit_log")))
 
 
 @main.command(name="ls")
-@click.argument("hosts", nargs=-1, required=True, metavar="HOST[:PORT]...")
+@click.argument("hosts", nargs=-1, metavar="[HOST[:PORT]...]")
 @tls_options(server=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list, one object per host).")
 def ls_command(hosts, as_json: bool, **tls_args) -> None:
     """List the VMs of one or more agents that you may open, with their state, their
-    consoles, guest channels and VNC display, and who is attached to each.
+    consoles, guest channels and VNC display, and who is attached to each. With no
+    HOST, every host of the client configuration file.
 
     \b
     Example:
@@ -135,8 +144,15 @@ def ls_command(hosts, as_json: bool, **tls_args) -> None:
     """
     from .serving import run_ls
 
-    paths = resolve_tls(tls_args, server=False)
-    sys.exit(run_async(run_ls(hosts, paths, as_json)))
+    if not hosts:
+        config = client_config(tls_args)
+        hosts = list(config.hosts)
+        if not hosts:
+            raise UserError("no HOST given, and no [hosts.NAME] in %s"
+                            % (config.path or "the client configuration file"),
+                            hint="vproxy ls HOST..., or name your hosts in "
+                                 "~/.config/vproxy/client.toml (see vproxy.conf(5))")
+    sys.exit(run_async(run_ls([resolve_client(h, tls_args) for h in hosts], as_json)))
 
 
 @main.command()
@@ -157,15 +173,17 @@ def bench(host: str, seconds: float, streams: int, as_json: bool, **tls_args) ->
     """
     from .serving import run_bench
 
-    paths = resolve_tls(tls_args, server=False)
-    code = run_async(run_bench(host, paths, seconds, streams, as_json))
+    code = run_async(run_bench(resolve_client(host, tls_args), seconds, streams, as_json))
     sys.exit(code)
 
 
 def _add_optional_commands() -> None:
+    from .forward_cmds import forward, vnc
     from .pki_commands import pki
 
     main.add_command(pki)
+    main.add_command(vnc)
+    main.add_command(forward)
 
 
 _add_optional_commands()

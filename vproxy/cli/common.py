@@ -38,6 +38,12 @@ def tls_options(server: bool) -> Callable:
                          help="Where `vproxy pki` keeps the CA (default: ~/.config/vproxy/pki) "
                               "[env: VPROXY_PKI_DIR]."),
         ]
+        if not server:
+            options.append(click.option(
+                "--client-config", envvar="VPROXY_CLIENT_CONFIG", type=click.Path(dir_okay=False),
+                metavar="FILE",
+                help="Client configuration file: named hosts and defaults (default: "
+                     "~/.config/vproxy/client.toml if it exists) [env: VPROXY_CLIENT_CONFIG]."))
         for option in reversed(options):
             f = option(f)
         return f
@@ -45,8 +51,63 @@ def tls_options(server: bool) -> Callable:
     return decorate
 
 
-def resolve_tls(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optional[str]]:
-    """Turn the TLS options into cert/key/ca/crl paths, or a UserError saying what's missing."""
+def resolve_tls(args: Dict[str, Optional[str]], server: bool,
+                host: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Turn the TLS options into cert/key/ca/crl paths, or a UserError saying what's missing.
+
+    For a client, the client configuration file (--client-config) comes first: its
+    [defaults], then the [hosts.HOST] table if `host` names one, then the environment,
+    then the flags. Use resolve_client() to also turn HOST into its address."""
+    if not server:
+        return _client_settings(args, host)[1]
+    return _paths(args, server)
+
+
+def resolve_client(host: str, args: Dict[str, Optional[str]]):
+    """HOST (a name from the client config, HOST[:PORT], or unix:/PATH) and the TLS
+    options -> a vproxy.clientconfig.Target; `await target.connect()` gives a Client."""
+    from ..clientconfig import Target
+
+    address, paths, server_name = _client_settings(args, host)
+    return Target(host, address, paths, server_name)
+
+
+def client_config(args: Dict[str, Optional[str]]):
+    from ..clientconfig import load_client_config
+
+    return load_client_config(args.get("client_config"))
+
+
+def _client_settings(args: Dict[str, Optional[str]], host: Optional[str]):
+    from ..clientconfig import TLS_KEYS, host_address, host_settings, is_local_address, layer
+
+    config = client_config(args)
+    address = host_address(config, host) if host else ""
+    if address and is_local_address(address):
+        return address, {}, None  # local mode: the agent's unix socket, no certificates
+    settings = host_settings(config, host or "")
+    env, flags = _split_by_source(args, TLS_KEYS)
+    settings = layer(layer(settings, env), flags)
+    return address, _paths(settings, server=False), settings.get("server_name")
+
+
+def _split_by_source(args: Dict[str, Optional[str]], keys) -> tuple:
+    """(from the environment, from the command line): click merged them, its context
+    still knows which was which."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    env, flags = {}, {}
+    for key in keys:
+        value = args.get(key)
+        if not value:
+            continue
+        source = ctx.get_parameter_source(key) if ctx is not None else None
+        (env if source == ParameterSource.ENVIRONMENT else flags)[key] = value
+    return env, flags
+
+
+def _paths(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optional[str]]:
     from ..pki import default_pki_dir
 
     pki_dir = Path(args.get("pki_dir") or default_pki_dir()).expanduser()
@@ -60,7 +121,8 @@ def resolve_tls(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optio
             raise UserError("no certificate for identity %r in %s" % (identity, pki_dir / "issued"),
                             hint="issue one with: vproxy pki issue %s %s" % (kind, identity))
     if not cert:
-        example = "vproxy serve --identity HOST" if server else "--identity NAME"
+        example = ("vproxy serve --identity HOST" if server else
+                   "--identity NAME, or identity = \"NAME\" in ~/.config/vproxy/client.toml")
         raise UserError("no certificate given: use --identity NAME, or --cert and --key",
                         hint="make one with vproxy pki issue, then e.g. %s" % example)
     if not key:

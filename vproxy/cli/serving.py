@@ -33,13 +33,13 @@ async def run_agent(agent, audit_path: Optional[str] = None) -> int:
     return 0
 
 
-async def run_bench(host: str, paths: Dict[str, Optional[str]], seconds: float, streams: int,
-                    as_json: bool) -> int:
+async def run_bench(target, seconds: float, streams: int, as_json: bool) -> int:
+    """target: a vproxy.clientconfig.Target (cli.common.resolve_client)."""
     from .. import benchmark
-    from ..client import connect
     from ..errors import SessionClosed
 
-    client = await connect(host, **paths)
+    host = target.name
+    client = await target.connect()
     try:
         result = await benchmark.run(client, seconds, streams)
     except SessionClosed as e:
@@ -62,13 +62,14 @@ async def run_bench(host: str, paths: Dict[str, Optional[str]], seconds: float, 
     return 0 if result.streams_ok == result.streams else 1
 
 
-async def run_ls(hosts, paths: Dict[str, Optional[str]], as_json: bool) -> int:
-    from ..client import connect
+async def run_ls(targets, as_json: bool) -> int:
+    """targets: vproxy.clientconfig.Target objects (cli.common.resolve_client)."""
     from ..errors import UserError
 
-    async def one(host):
+    async def one(target):
+        host = target.name
         try:
-            client = await connect(host, **paths)
+            client = await target.connect()
         except UserError as e:
             return {"host": host, "error": e.message, "vms": []}
         try:
@@ -76,7 +77,7 @@ async def run_ls(hosts, paths: Dict[str, Optional[str]], as_json: bool) -> int:
         finally:
             await client.close()
 
-    results = await asyncio.gather(*(one(h) for h in hosts))
+    results = await asyncio.gather(*(one(t) for t in targets))
     if as_json:
         click.echo(json.dumps(list(results), indent=2))
     else:

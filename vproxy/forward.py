@@ -1,0 +1,352 @@
+"""Local listeners whose connections each become one vproxy stream (`vproxy forward`, `vproxy vnc`).
+
+Rules kept here:
+- One local connection is one stream, opened when the connection arrives; the agent's
+  refusal is reported with its message and the local connection is closed.
+- Bytes flow both ways at once, each direction with backpressure: the stream's credit
+  limits what we read from the local socket, the local socket's buffer limits what we
+  read from the stream.
+- Half-close passes through both ways: EOF from the local peer half-closes the stream
+  (the agent's side keeps sending), the stream's EOF shuts the local socket's write side
+  (the local peer keeps sending). The connection ends when both directions have.
+- A failure resets the other side: a broken local connection resets the stream
+  (CANCEL, with the reason), a reset stream or a lost session resets the local TCP
+  connection (RST, so the local program sees an error, not a clean end).
+- Listening beyond the loopback interface is refused unless the caller says it is
+  meant (`unsafe=True`, the CLI's --unsafe-listen), as ghostunnel does: whoever reaches
+  the port gets the channel with *your* certificate's rights. A unix socket is created
+  with mode 0600 (only its owner may connect).
+
+No click here: messages for the user go through the `report` callback.
+"""
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional, Set
+
+from .errors import ChannelRefused, SessionClosed, StreamReset, UserError
+from .mux import ResetCode
+from .session import Stream
+
+log = logging.getLogger("vproxy.forward")
+
+CHUNK = 65536
+
+StreamOpener = Callable[[], Awaitable[Stream]]
+Reporter = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- addresses
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where to listen: a TCP host and port, or a unix socket path."""
+
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return "unix:%s" % self.path
+        return ("[%s]:%d" if ":" in self.host else "%s:%d") % (self.host, self.port)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.kind == "unix":
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it may resolve to anything
+
+
+def parse_listen(text: str, default_host: str = "127.0.0.1") -> ListenAddress:
+    """"unix:/path", "/path" or "./path" (a unix socket); "PORT", "HOST:PORT",
+    "[V6]:PORT" (TCP; port 0 picks a free port)."""
+    text = text.strip()
+    if not text:
+        raise UserError("empty listen address", hint="give HOST:PORT, PORT or unix:/PATH")
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise UserError("listen address %r names no socket path" % text,
+                            hint="e.g. --listen unix:/run/user/1000/qga.sock")
+        return ListenAddress("unix", path=os.path.abspath(os.path.expanduser(path)))
+    if "/" in text or text.startswith("~"):
+        return ListenAddress("unix", path=os.path.abspath(os.path.expanduser(text)))
+    if text.isdigit():
+        host, port = default_host, text
+    elif text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise UserError("bad listen address %r" % text, hint="IPv6 is written [::1]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+        host = host or default_host
+    else:
+        raise UserError("bad listen address %r" % text,
+                        hint="give HOST:PORT, PORT, [V6]:PORT or unix:/PATH")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UserError("bad port %r in listen address %r" % (port, text))
+    return ListenAddress("tcp", host=host, port=int(port))
+
+
+def check_listen_safety(address: ListenAddress, unsafe: bool) -> None:
+    """Listening beyond loopback needs the caller's explicit consent."""
+    if address.is_loopback or unsafe:
+        return
+    raise UserError(
+        "refusing to listen on %s: anyone who can reach it would use your certificate's "
+        "rights on the VM" % address,
+        hint="listen on 127.0.0.1 or a unix socket, or add --unsafe-listen if that is "
+             "really what you want")
+
+
+# --------------------------------------------------------------------------- bridging
+
+class _LocalBroken(Exception):
+    """The local connection failed (reset, broken pipe)."""
+
+
+async def bridge(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """Copy bytes between a local connection and a stream until both directions ended.
+
+    Returns "closed" after a clean end both ways, otherwise a short reason ("local:
+    ...", "stream: ..."); the other side has then been reset. Cancelling the call resets
+    both sides. The local writer is closed in every case.
+    """
+
+    async def upstream() -> None:  # local -> stream
+        while True:
+            try:
+                data = await reader.read(CHUNK)
+            except OSError as e:
+                raise _LocalBroken(e.strerror or str(e)) from None
+            if not data:
+                await stream.close()
+                return
+            await stream.write(data)
+
+    async def downstream() -> None:  # stream -> local
+        while True:
+            data = await stream.read(CHUNK)
+            if not data:
+                break
+            writer.write(data)
+            try:
+                await writer.drain()
+            except OSError as e:
+                raise _LocalBroken(e.strerror or str(e)) from None
+        if writer.can_write_eof() and not writer.is_closing():
+            try:
+                writer.write_eof()
+            except OSError as e:
+                raise _LocalBroken(e.strerror or str(e)) from None
+
+    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+    outcome = "closed"
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                error = task.exception()
+                if isinstance(error, _LocalBroken):
+                    outcome = "local: %s" % error
+                    stream.reset(ResetCode.CANCEL, "the local connection broke: %s" % error)
+                    writer.transport.abort()
+                elif isinstance(error, (StreamReset, SessionClosed)):
+                    outcome = "stream: %s" % error
+                    reset_local(writer)
+                else:
+                    raise error
+                break
+        else:
+            writer.close()
+    except asyncio.CancelledError:
+        stream.reset(ResetCode.CANCEL, "the local forwarder stopped")
+        reset_local(writer)
+        raise
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return outcome
+
+
+def reset_local(writer: asyncio.StreamWriter) -> None:
+    """End a local connection abruptly: RST for TCP (SO_LINGER 0), close for unix."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
+
+
+# --------------------------------------------------------------------------- listener
+
+class Forwarder:
+    """A local listener; each connection gets a stream from `open_stream()` and is
+    bridged to it.
+
+    prepared: a stream opened beforehand (e.g. to check access before a VNC viewer is
+    started); the first connection uses it if it is still healthy.
+    report: called with one line for the user on refusals and failures.
+    """
+
+    def __init__(self, listen: ListenAddress, open_stream: StreamOpener, *,
+                 prepared: Optional[Stream] = None, report: Optional[Reporter] = None,
+                 label: str = "stream"):
+        self.listen = listen
+        self.open_stream = open_stream
+        self.prepared = prepared
+        self.report = report or (lambda text: log.warning("%s", text))
+        self.label = label
+        self.address: Optional[ListenAddress] = None  # what we are bound to
+        self.connections = 0
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._tasks: Set[asyncio.Task] = set()
+        self._unix_inode: Optional[int] = None
+
+    async def start(self) -> ListenAddress:
+        if self.listen.kind == "unix":
+            sock = _unix_listener(self.listen.path)
+            self._unix_inode = os.stat(self.listen.path).st_ino
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock)
+            self.address = self.listen
+        else:
+            try:
+                self._server = await asyncio.start_server(self._handle, self.listen.host, self.listen.port)
+            except OSError as e:
+                raise UserError("cannot listen on %s: %s" % (self.listen, e.strerror or e)) from None
+            host, port = self._server.sockets[0].getsockname()[:2]
+            self.address = ListenAddress("tcp", host=host, port=port)
+        return self.address
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        """Stop listening; reset every open connection and its stream."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self.prepared is not None:
+            self.prepared.reset(ResetCode.CANCEL, "not used")
+            self.prepared = None
+        if self._unix_inode is not None:
+            try:
+                if os.stat(self.listen.path).st_ino == self._unix_inode:
+                    os.unlink(self.listen.path)
+            except OSError:
+                pass
+            self._unix_inode = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self.connections += 1
+        number = self.connections
+        peer = _peer(writer)
+        try:
+            stream = self._take_prepared()
+            if stream is None:
+                try:
+                    stream = await self.open_stream()
+                except ChannelRefused as e:
+                    self.report("connection %d from %s: the agent refused the %s: %s"
+                                % (number, peer, self.label, e.message))
+                    writer.close()
+                    return
+                except (SessionClosed, UserError) as e:
+                    self.report("connection %d from %s: no %s: %s"
+                                % (number, peer, self.label, getattr(e, "message", None) or e))
+                    reset_local(writer)
+                    return
+            log.info("connection %d from %s: %r", number, peer, stream)
+            outcome = await bridge(stream, reader, writer)
+            log.info("connection %d from %s: %s (%d bytes in, %d out)", number, peer, outcome,
+                     stream.bytes_in, stream.bytes_out)
+            if outcome.startswith("stream: "):
+                self.report("connection %d from %s: the %s ended: %s"
+                            % (number, peer, self.label, outcome[8:]))
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except Exception:  # a bug: keep the listener alive, say what happened
+            log.exception("connection %d from %s failed", number, peer)
+            writer.transport.abort()
+        finally:
+            self._tasks.discard(task)
+
+    def _take_prepared(self) -> Optional[Stream]:
+        stream, self.prepared = self.prepared, None
+        if stream is None:
+            return None
+        if stream.error is not None or stream.remote_ended:
+            stream.reset(ResetCode.CANCEL, "stale")
+            return None
+        return stream
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return ("[%s]:%d" if ":" in peer[0] else "%s:%d") % peer[:2]
+    return "a local socket"
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600; a stale socket file is replaced,
+    a live one (something answers) or any other file is an error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UserError("cannot listen on unix:%s: the file exists and is not a socket" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+        except OSError as e:
+            raise UserError("cannot listen on unix:%s: %s" % (path, e.strerror)) from None
+        else:
+            raise UserError("cannot listen on unix:%s: something else listens there" % path,
+                            hint="stop it, or pick another path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is born 0600: no window where others connect
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        hint = "does the directory exist?" if e.errno == errno.ENOENT else ""
+        raise UserError("cannot listen on unix:%s: %s" % (path, e.strerror), hint=hint) from None
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
