@@ -10,7 +10,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple, Union
 
 from . import events as ev
 from . import frames as fr
@@ -82,6 +82,14 @@ for _state in _LIVE:
     TRANSITIONS[(_state, I.SEND_NOTICE)] = _state
     TRANSITIONS[(_state, I.RECV_NOTICE)] = _state
 
+# States where DATA may arrive and leaves the state as it is: receive_data()'s fast path.
+_RECV_DATA_STATES = tuple(st for (st, inp), nxt in TRANSITIONS.items()
+                          if inp is I.RECV_DATA and nxt is st)
+
+
+def _join(parts: List[memoryview]) -> bytes:
+    return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
 
 class _StreamError(Exception):
     """A fault that ends one stream only (reset with code)."""
@@ -112,21 +120,21 @@ class _Stream:
         self.consumed = 0  # bytes the application read that we have not re-granted
         self.last_update = 0.0  # when we last sent WINDOW
 
-    def take(self, size: int) -> bytes:
-        parts = []
+    def take(self, size: int, parts: List[memoryview]) -> None:
+        """Move the first `size` buffered bytes to parts (views, no copy)."""
+        buffer = self.send_buffer
         need = size
         while need:
-            head = self.send_buffer[0]
+            head = buffer[0]
             if len(head) <= need:
                 parts.append(head)
-                self.send_buffer.popleft()
+                buffer.popleft()
                 need -= len(head)
             else:
                 parts.append(head[:need])
-                self.send_buffer[0] = head[need:]
+                buffer[0] = head[need:]
                 need = 0
         self.send_buffered -= size
-        return b"".join(parts)
 
 
 class Connection:
@@ -244,14 +252,17 @@ class Connection:
         self._local(stream_id, I.SEND_NOTICE)
         self._control.append(fr.encode_notice(stream_id, fields))
 
-    def acknowledge(self, stream_id: int, size: int, now: float) -> None:
-        """The application consumed `size` bytes of the stream: give the peer credit."""
+    def acknowledge(self, stream_id: int, size: int, now: float) -> bool:
+        """The application consumed `size` bytes of the stream: give the peer credit.
+
+        Credit goes out in batches (a WINDOW frame once half the window is consumed);
+        returns True when this call queued one."""
         s = self._streams.get(stream_id)
-        if s is None or s.state not in (S.OPEN, S.HALF_CLOSED_LOCAL):
-            return
+        if s is None or s.state not in _RECV_DATA_STATES:
+            return False
         s.consumed += size
         if s.consumed < s.recv_window // 2:
-            return
+            return False
         increment = s.consumed
         rtt = self.rtt if self.rtt is not None else self.config.initial_rtt
         if now - s.last_update < 2 * rtt:  # the window empties faster than a round trip
@@ -265,6 +276,7 @@ class Connection:
         s.consumed = 0
         s.recv_credit += increment
         self._control.append(fr.encode_window(stream_id, increment))
+        return True
 
     def ping(self, now: float) -> None:
         self._ping_counter += 1
@@ -284,20 +296,26 @@ class Connection:
     def data_to_send(self, limit: int = 256 * 1024) -> bytes:
         """Frames ready to go: control frames first, then interactive streams, then bulk,
         round-robin within a class, no more than `limit` bytes of data frames."""
-        out = self._control
+        out: List[Union[bytes, memoryview]] = self._control  # type: ignore[assignment]
         self._control = []
         budget = limit
+        streams = self._streams
+        header = fr.HEADER.pack
         for queue in self._send_queues:
             while queue and budget > 0:
                 s = queue.popleft()
-                if self._streams.get(s.id) is not s:
+                if streams.get(s.id) is not s:
                     continue
                 size = min(s.send_window, fr.MAX_PAYLOAD, budget, s.send_buffered)
                 end = s.end_pending and size == s.send_buffered
                 if size == 0 and not end:
                     s.queued = False  # blocked on credit; WINDOW puts it back
                     continue
-                out.append(fr.encode_data(s.id, s.take(size) if size else b"", end))
+                # the DATA frame as a header and views of the buffered bytes: the
+                # join below is the only copy
+                out.append(header(size << 8, Flag.END_STREAM if end else 0, s.id))
+                if size:
+                    s.take(size, out)  # type: ignore[arg-type]
                 budget -= size + fr.HEADER_SIZE
                 s.send_window -= size
                 if end:
@@ -335,21 +353,53 @@ class Connection:
 
     def receive_data(self, data: bytes, now: float) -> List[ev.Event]:
         """Feed bytes from the peer. A protocol violation ends with a
-        ConnectionTerminated event (and a GOAWAY queued), never an exception."""
+        ConnectionTerminated event (and a GOAWAY queued), never an exception.
+
+        Consecutive DATA frames of one stream come out as one DataReceived."""
         if self.terminated:
             return []
         self.last_received = now
-        self._decoder.feed(data)
+        raw, error = self._decoder.split(data)
         out: List[ev.Event] = []
+        streams = self._streams
+        run: List[memoryview] = []  # payloads of consecutive DATA frames of one stream
+        run_id = 0
         try:
-            while True:
-                frame = self._decoder.next_frame()
-                if frame is None:
-                    break
+            for ftype, flags, sid, payload in raw:
+                if ftype == 0 and not flags & Flag.END_STREAM:
+                    # DATA: the fast path of _receive_stream_frame, same checks
+                    s = streams.get(sid)
+                    if s is not None and s.state in _RECV_DATA_STATES:
+                        size = len(payload)
+                        if size > s.recv_credit:
+                            raise RemoteProtocolError(
+                                "stream %d: %d bytes of DATA with only %d bytes of window"
+                                % (sid, size, s.recv_credit), ErrorCode.FLOW_CONTROL_ERROR)
+                        s.recv_credit -= size
+                        if size:
+                            if sid != run_id:
+                                if run:
+                                    out.append(ev.DataReceived(run_id, _join(run)))
+                                    run = []
+                                run_id = sid
+                            run.append(payload)
+                        continue
+                if run:
+                    out.append(ev.DataReceived(run_id, _join(run)))
+                    run = []
+                    run_id = 0
+                frame = fr.decode_payload(ftype, flags, sid, payload.tobytes())
                 self._receive_frame(frame, now, out)
                 if self.terminated:
-                    break
+                    return out
+            if run:
+                out.append(ev.DataReceived(run_id, _join(run)))
+                run = []
+            if error is not None:
+                raise error
         except RemoteProtocolError as e:
+            if run:  # the frames before the fault were good
+                out.append(ev.DataReceived(run_id, _join(run)))
             out.append(self._terminate(e.code, e.message))
         return out
 

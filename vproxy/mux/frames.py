@@ -213,12 +213,14 @@ def _need(payload: bytes, size: int, what: str, exact: bool = False) -> None:
         )
 
 
+_TYPES = {int(t): t for t in FrameType}  # FrameType(x) is a slow Python call
+
+
 def decode_payload(ftype: int, flags: int, stream_id: int, payload: bytes) -> Frame:
     """Build a Frame from one header's worth of fields and its payload."""
-    try:
-        t = FrameType(ftype)
-    except ValueError:
-        raise FrameError("unknown frame type 0x%02x" % ftype) from None
+    t = _TYPES.get(ftype)
+    if t is None:
+        raise FrameError("unknown frame type 0x%02x" % ftype)
     if t in SESSION_FRAMES:
         if stream_id != 0:
             raise FrameError("%s frame on stream %d (must be 0)" % (t.name, stream_id))
@@ -255,11 +257,18 @@ def decode_payload(ftype: int, flags: int, stream_id: int, payload: bytes) -> Fr
     return Frame(t, stream_id, flags, fields=decode_fields(payload, 0))
 
 
+RawFrame = Tuple[int, int, int, memoryview]  # type, flags, stream id, payload
+
+
 class FrameDecoder:
     """Incremental decoder: feed() bytes as they arrive, then call next_frame() until None.
 
     next_frame() raises FrameError on an invalid frame; the session it belongs to is
     then over and the decoder must not be used again.
+
+    split() is the fast path the session uses instead of feed() + next_frame(): it
+    checks only the headers and hands back the payloads as memoryviews, without a
+    copy and without building a Frame, and buffers nothing but a frame cut in two.
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD):
@@ -286,19 +295,95 @@ class FrameDecoder:
             return None
         word, flags, stream_id = HEADER.unpack_from(buf, pos)
         length = word >> 8
-        if length > self.max_payload:
-            raise FrameError(
-                "frame of %d bytes exceeds the maximum of %d" % (length, self.max_payload),
-                ErrorCode.FRAME_SIZE_ERROR,
-            )
-        if stream_id > MAX_STREAM_ID:
-            raise FrameError("stream id 0x%08x has the reserved bit set" % stream_id)
+        error = self._check_header(length, stream_id)
+        if error is not None:
+            raise error
         if available - HEADER_SIZE < length:
             self._compact()
             return None
         start = pos + HEADER_SIZE
         self._pos = start + length
-        return decode_payload(word & 0xFF, flags, stream_id, bytes(buf[start : self._pos]))
+        with memoryview(buf) as view:
+            payload = bytes(view[start : self._pos])
+        return decode_payload(word & 0xFF, flags, stream_id, payload)
+
+    def split(self, data: bytes) -> Tuple[List[RawFrame], Optional[FrameError]]:
+        """The complete frames in what was buffered followed by `data`.
+
+        Returns (frames, error): each frame as (type, flags, stream id, payload), the
+        payload a memoryview of `data` (or of a copy, for a frame that began in an
+        earlier call). Only the header is checked (length, reserved bit); payloads
+        are for decode_payload() to judge. error is the FrameError of the first bad
+        header, after the frames that came before it; the decoder is then finished.
+        The views are valid as long as `data` is left unchanged.
+        """
+        frames: List[RawFrame] = []
+        if self._pos:
+            self._compact()
+        buf = self._buffer
+        view = memoryview(data)
+        if buf:  # complete the frame that the previous call cut
+            have = len(buf)
+            used = 0
+            if have < HEADER_SIZE:
+                used = min(HEADER_SIZE - have, len(view))
+                buf += view[:used]
+                if len(buf) < HEADER_SIZE:
+                    return frames, None
+            word, _, stream_id = HEADER.unpack_from(buf, 0)
+            error = self._check_header(word >> 8, stream_id)
+            if error is not None:
+                return frames, error
+            more = HEADER_SIZE + (word >> 8) - len(buf)
+            if more < 0:  # whole frames were feed()-ed: take the slow road
+                whole = bytes(buf) + bytes(view[used:])
+                buf.clear()
+                pos, error = self._scan(memoryview(whole), frames)
+                if error is None and pos < len(whole):
+                    buf += whole[pos:]
+                return frames, error
+            more = min(more, len(view) - used)
+            buf += view[used : used + more]
+            used += more
+            if len(buf) < HEADER_SIZE + (word >> 8):
+                return frames, None
+            whole = bytes(buf)
+            buf.clear()
+            self._scan(memoryview(whole), frames)  # exactly that frame
+            view = view[used:]
+        pos, error = self._scan(view, frames)
+        if error is None and pos < len(view):
+            buf += view[pos:]
+        return frames, error
+
+    def _scan(self, view: memoryview, frames: List[RawFrame]) -> Tuple[int, Optional[FrameError]]:
+        """Append the complete frames at the start of view; (bytes used, header error)."""
+        unpack = HEADER.unpack_from
+        max_payload = self.max_payload
+        end = len(view)
+        pos = 0
+        while end - pos >= HEADER_SIZE:
+            word, flags, stream_id = unpack(view, pos)
+            length = word >> 8
+            if length > max_payload or stream_id > MAX_STREAM_ID:
+                return pos, self._check_header(length, stream_id)
+            start = pos + HEADER_SIZE
+            stop = start + length
+            if stop > end:
+                break
+            frames.append((word & 0xFF, flags, stream_id, view[start:stop]))
+            pos = stop
+        return pos, None
+
+    def _check_header(self, length: int, stream_id: int) -> Optional[FrameError]:
+        if length > self.max_payload:
+            return FrameError(
+                "frame of %d bytes exceeds the maximum of %d" % (length, self.max_payload),
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        if stream_id > MAX_STREAM_ID:
+            return FrameError("stream id 0x%08x has the reserved bit set" % stream_id)
+        return None
 
     def _compact(self) -> None:
         if self._pos:
