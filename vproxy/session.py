@@ -20,6 +20,11 @@ log = logging.getLogger("vproxy.session")
 
 WRITE_HIGH_WATER = 256 * 1024  # Stream.write waits while more than this is unsent
 PULL_LIMIT = 64 * 1024  # bytes of data frames taken from the core per transport write
+# Stream.read joins small received pieces into one, up to GATHER_MAX bytes; a piece of
+# GATHER_BELOW bytes or more is handed over as it is (copying it costs more than the
+# read saved; and a large fresh allocation costs a page fault per 4 KiB)
+GATHER_BELOW = 16 * 1024
+GATHER_MAX = 64 * 1024
 MAX_NOTICES = 256  # notices kept per stream for a reader that does not ask for them
 
 
@@ -32,7 +37,8 @@ class Stream:
         self.request = request
         self.priority = priority
         self.info: Dict[str, str] = {}
-        self._chunks: Deque[bytes] = deque()
+        self._chunks: Deque[bytes] = deque()  # received, not read yet
+        self._offset = 0  # bytes of _chunks[0] already read
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -65,21 +71,48 @@ class Stream:
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to max_bytes; b"" once the peer half-closed (and everything was read)."""
-        while not self._chunks:
+        chunks = self._chunks
+        while not chunks:
             if self.error is not None:
                 raise self.error
             if self.remote_ended:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        chunk = self._chunks.popleft()
-        if len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
+        chunk = chunks[0]
+        offset = self._offset
+        size = len(chunk) - offset
+        if size < GATHER_BELOW and len(chunks) > 1 and max_bytes > size:
+            chunk = self._gather(min(max_bytes, GATHER_MAX))  # small pieces: join them
+        elif size <= max_bytes:
+            chunks.popleft()
+            if offset:
+                chunk = chunk[offset:]
+                self._offset = 0
+        else:  # part of the first chunk; the offset saves copying the rest
+            self._offset = offset + max_bytes
+            chunk = chunk[offset : self._offset]
         self.session._consumed(self.stream_id, len(chunk))
-        if not self._chunks and self.remote_ended:
+        if not chunks and self.remote_ended:
             self._maybe_done()
         return chunk
+
+    def _gather(self, max_bytes: int) -> bytes:
+        """Take up to max_bytes off the front of _chunks, as one bytes object."""
+        chunks = self._chunks
+        parts = [memoryview(chunks.popleft())[self._offset :]]
+        self._offset = 0
+        size = len(parts[0])
+        while chunks and size < max_bytes:
+            chunk = chunks[0]
+            if size + len(chunk) <= max_bytes:
+                parts.append(chunks.popleft())
+                size += len(chunk)
+            else:
+                self._offset = max_bytes - size
+                parts.append(memoryview(chunk)[: self._offset])
+                size = max_bytes
+        return b"".join(parts)
 
     async def readexactly(self, size: int) -> bytes:
         parts = []
@@ -102,7 +135,7 @@ class Stream:
         conn = self.session._conn
         conn.send_data(self.stream_id, bytes(data))
         self.bytes_out += len(data)
-        self.session._schedule_flush()
+        self.session._data_queued()
         while conn.send_buffered(self.stream_id) > WRITE_HIGH_WATER and self.error is None:
             self._writable.clear()
             self.session._blocked_writers.add(self)
@@ -315,8 +348,8 @@ class Session(asyncio.Protocol):
             await asyncio.sleep(0.05)
 
     def _consumed(self, stream_id: int, size: int) -> None:
-        self._conn.acknowledge(stream_id, size, self._loop.time())
-        self._schedule_flush()
+        if self._conn.acknowledge(stream_id, size, self._loop.time()):
+            self._schedule_flush()  # a WINDOW frame is queued
 
     def _handle(self, event: mux.Event) -> None:
         stream = self._streams.get(getattr(event, "stream_id", 0))
@@ -397,6 +430,17 @@ class Session(asyncio.Protocol):
                     stream.refuse(mux.RefuseCode.INTERNAL, "internal error in the agent")
                 else:
                     stream.reset(ResetCode.INTERNAL, "internal error in the agent")
+
+    def _data_queued(self) -> None:
+        """A stream queued data: send it now if the transport is idle (as a socket
+        with TCP_NODELAY would), else with the flush already due."""
+        if self._flush_scheduled or self._paused:
+            return
+        transport = self.transport
+        if transport is not None and not transport.get_write_buffer_size():
+            self._flush()
+        else:
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
