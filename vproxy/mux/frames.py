@@ -17,7 +17,7 @@ from .errors import FrameError, ErrorCode
 
 HEADER = struct.Struct(">I B I")  # (length << 8 | type), flags, stream id
 HEADER_SIZE = 9
-MAX_PAYLOAD = 16384  # no frame payload may be longer (FRAME_SIZE_ERROR)
+MAX_PAYLOAD = 65536  # no frame payload may be longer (FRAME_SIZE_ERROR)
 MAX_STREAM_ID = 0x7FFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
 
