@@ -1,5 +1,9 @@
 """One-way throughput over loopback: vproxy.transport vs asyncio's TLS vs plain TCP.
 
+"vproxy session" is one stream of a vproxy/1 session (vproxy.session over
+vproxy.transport): the sender writes blocks to the stream, the receiver reads it
+with Stream.read(); next to "vproxy.transport" it shows what the mux costs.
+
 The fourth path, "blocking SSLSocket" (sendall / recv_into a 256 KiB buffer, one
 process each end, no event loop), is the ceiling for OpenSSL on a socket from Python.
 
@@ -38,7 +42,8 @@ if str(REPO) not in sys.path:
 from vproxy import tls, transport  # noqa: E402
 
 BLOCKING = "blocking SSLSocket"
-PATHS = ("vproxy.transport", "asyncio ssl", "plain TCP", BLOCKING)
+SESSION = "vproxy session"  # one mux stream on a Session over vproxy.transport
+PATHS = ("vproxy.transport", SESSION, "asyncio ssl", "plain TCP", BLOCKING)
 
 
 # --------------------------------------------------------------------------- PKI
@@ -136,7 +141,7 @@ class Sender(asyncio.Protocol):
 
 async def listen(path: str, server_ctx: ssl.SSLContext, factory: Callable[[], Sink]):
     loop = asyncio.get_running_loop()
-    if path == "vproxy.transport":
+    if path in ("vproxy.transport", SESSION):
         return await transport.start_server(factory, "127.0.0.1", 0, server_ctx)
     ssl_arg = server_ctx if path == "asyncio ssl" else None
     return await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_arg)
@@ -144,7 +149,7 @@ async def listen(path: str, server_ctx: ssl.SSLContext, factory: Callable[[], Si
 
 async def connect(path: str, client_ctx: ssl.SSLContext, port: int, factory):
     loop = asyncio.get_running_loop()
-    if path == "vproxy.transport":
+    if path in ("vproxy.transport", SESSION):
         return await transport.create_connection(factory, "127.0.0.1", port, client_ctx,
                                                  "localhost")
     if path == "asyncio ssl":
@@ -162,6 +167,9 @@ async def receive_one(path: str, certs, ports, results) -> None:
         sink = Sink()
         sinks.append(sink)
         return sink
+
+    if path == SESSION:
+        factory = _session_sink_factory(sinks)  # type: ignore[assignment]
 
     server = await listen(path, server_ctx, factory)
     ports.put(server.sockets[0].getsockname()[1])
@@ -209,8 +217,49 @@ def blocking_send(certs, port: int, seconds: float, block: bytes) -> float:
         return time.process_time() - cpu
 
 
+def _session_sink_factory(sinks: list):
+    """Sessions whose first stream is read to its end like Sink counts bytes."""
+    from vproxy.session import Session
+
+    async def on_open(stream) -> None:
+        sink = Sink()
+        sinks.append(sink)
+        stream.accept()
+        while True:
+            data = await stream.read(1 << 20)
+            if not data:
+                break
+            sink.data_received(data)
+        sink.eof_received()
+        await stream.close()
+
+    return lambda: Session(client=False, on_open=on_open)
+
+
+async def send_session(certs, port: int, seconds: float, block: bytes) -> float:
+    from vproxy.mux import OpenRequest
+    from vproxy.session import Session
+
+    _, client_ctx = contexts(certs)
+    _, session = await transport.create_connection(
+        lambda: Session(client=True), "127.0.0.1", port, client_ctx, "localhost")
+    stream = await session.open(OpenRequest("", "sink"))
+    cpu = time.process_time()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        await stream.write(block)
+    await stream.close()
+    await asyncio.wait_for(stream.read(), 30)  # the receiver's close: all was read
+    cpu = time.process_time() - cpu
+    session.close()
+    await session.wait_closed()
+    return cpu
+
+
 async def send_one(path: str, certs, port: int, seconds: float, block: bytes) -> float:
     """Send for `seconds`; returns the CPU seconds this process spent meanwhile."""
+    if path == SESSION:
+        return await send_session(certs, port, seconds, block)
     _, client_ctx = contexts(certs)
     _, sender = await connect(path, client_ctx, port, lambda: Sender(block, seconds))
     cpu = time.process_time()
