@@ -182,6 +182,7 @@ def _add_optional_commands() -> None:
     from .pki_commands import pki
 
     main.add_command(pki)
+    from .console_cmd import console; main.add_command(console)
     main.add_command(vnc)
     main.add_command(forward)
 
