@@ -37,7 +37,8 @@ from .session import Stream
 
 log = logging.getLogger("vproxy.forward")
 
-CHUNK = 65536
+CHUNK = 256 * 1024  # bytes moved per read, each way
+LOCAL_BUFFER = 1 << 20  # asyncio StreamReader limit for local connections
 
 StreamOpener = Callable[[], Awaitable[Stream]]
 Reporter = Callable[[str], None]
@@ -225,11 +226,12 @@ class Forwarder:
         if self.listen.kind == "unix":
             sock = _unix_listener(self.listen.path)
             self._unix_inode = os.stat(self.listen.path).st_ino
-            self._server = await asyncio.start_unix_server(self._handle, sock=sock)
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=LOCAL_BUFFER)
             self.address = self.listen
         else:
             try:
-                self._server = await asyncio.start_server(self._handle, self.listen.host, self.listen.port)
+                self._server = await asyncio.start_server(self._handle, self.listen.host, self.listen.port,
+                                                          limit=LOCAL_BUFFER)
             except OSError as e:
                 raise UserError("cannot listen on %s: %s" % (self.listen, e.strerror or e)) from None
             host, port = self._server.sockets[0].getsockname()[:2]
@@ -290,8 +292,9 @@ class Forwarder:
                 self.report("connection %d from %s: the %s ended: %s"
                             % (number, peer, self.label, outcome[8:]))
         except asyncio.CancelledError:
+            # the forwarder is closing (bridge() reset both sides): end quietly, since
+            # asyncio logs a handler task that ends cancelled as an error
             writer.transport.abort()
-            raise
         except Exception:  # a bug: keep the listener alive, say what happened
             log.exception("connection %d from %s failed", number, peer)
             writer.transport.abort()
