@@ -436,3 +436,35 @@ def test_vnc_of_a_vm_without_vnc_says_so(pki, tmp_path):
     assert out.stderr.startswith("vproxy: error: no VNC for VM novnc on %s: VM novnc has no VNC display"
                                  % agent.address), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_forward_reconnects_after_the_agent_restarts(tmp_path, bootvm):
+    """The session dies with the agent; the next local connection makes a new one."""
+    agent_sock = tmp_path / "agent.sock"
+    rules = [{"identities": ["uid:%d" % os.getuid()], "channels": ["console"]}]
+    agent = Agent_(tmp_path, [("web1", bootvm.qmp_path)], rules, local_socket=str(agent_sock))
+    fwd = Cli(["forward", "unix:%s" % agent_sock, "web1", "console"])
+
+    def echo_through(word):
+        conn = fwd.tcp()
+        buf = bytearray()
+        deadline = time.monotonic() + 30
+        while True:
+            conn.sendall(word + b"\r")
+            try:
+                sock_read_until(conn, word.upper() + b"\r\n", timeout=2, buf=buf)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, bytes(buf)
+        conn.close()
+
+    try:
+        echo_through(b"before")
+        agent.stop()
+        agent = Agent_(tmp_path, [("web1", bootvm.qmp_path)], rules, local_socket=str(agent_sock))
+        echo_through(b"after")
+    finally:
+        code, err = fwd.stop()
+        agent.stop()
+    assert code == 0, err
+    assert "the session to unix:%s ended" % agent_sock in err and "connecting again" in err, err
