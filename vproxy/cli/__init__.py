@@ -182,6 +182,10 @@ def _add_optional_commands() -> None:
     from .pki_commands import pki
 
     main.add_command(pki)
+    from .demo_cmd import completion, demo
+
+    main.add_command(demo)
+    main.add_command(completion)
     from .console_cmd import console; main.add_command(console)
     main.add_command(vnc)
     main.add_command(forward)
@@ -193,7 +197,8 @@ _add_optional_commands()
 def entry() -> None:
     """Console-script entry point: run main() with vproxy's error handling."""
     try:
-        main(standalone_mode=False)
+        # completion requests (see `vproxy completion`) whatever the program is called
+        main(standalone_mode=False, complete_var="_VPROXY_COMPLETE")
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

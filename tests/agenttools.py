@@ -1,0 +1,69 @@
+"""`vproxy serve` as a child process, the way a user runs it: a config file, real TLS.
+
+    agent = AgentProcess(pki, tmp_path, [("web1", vm.qmp_path)],
+                         [{"identities": ["alice"], "vms": ["*"], "modes": ["force"]}])
+    ...  agent.address is "127.0.0.1:PORT"
+    agent.stop()
+
+(The same as test_e2e_qemu.AgentProcess, plus: the agent's stderr is read by a thread
+into `stderr_lines` so the pipe never fills, and it works as a context manager.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from typing import List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+class AgentProcess:
+    """`vproxy serve --config FILE` in a child process; `address` once it listens."""
+
+    def __init__(self, pki, tmp_path, vms, allow, extra_lines=()):
+        self.audit = tmp_path / "audit.log"
+        config = tmp_path / "agent.toml"
+        lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
+                 'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl, 'audit_log = "%s"' % self.audit]
+        lines += list(extra_lines)
+        for name, qmp in vms:
+            lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
+        for rule in allow:
+            lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
+        config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--config", str(config)],
+                                     stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
+        line = self.proc.stderr.readline()
+        if "listening on" not in line:
+            self.proc.kill()
+            raise AssertionError("the agent did not start: " + line + self.proc.stderr.read())
+        self.address = line.split("listening on ")[1].strip()
+        self.stderr_lines: List[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def audit_lines(self):
+        return self.audit.read_text().splitlines() if self.audit.exists() else []
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
