@@ -197,10 +197,20 @@ def boot_linux(tmp_path, name="lin"):
 
 
 @pytest.fixture(scope="module")
-def linux_vm(tmp_path_factory):
-    vm = boot_linux(tmp_path_factory.mktemp("linux"))
-    yield vm
-    vm.terminate()
+def _linux_vms(tmp_path_factory):
+    booted = []
+    yield booted, tmp_path_factory
+    for vm in booted:
+        vm.terminate()
+
+
+@pytest.fixture
+def linux_vm(_linux_vms):
+    """The module's booted Linux guest (booted again if a test killed it)."""
+    booted, factory = _linux_vms
+    if not booted or not booted[-1].running():
+        booted.append(boot_linux(factory.mktemp("linux")))
+    return booted[-1]
 
 
 @linux
@@ -312,8 +322,8 @@ def test_linux_guest_open_close_notices(linux_vm):
 
 
 @linux
-def test_linux_qemu_killed(tmp_path):
-    vm = boot_linux(tmp_path)
+def test_linux_qemu_killed(linux_vm):
+    vm = linux_vm
     try:
         async def main():
             async with agent(vm) as (provider, registry):

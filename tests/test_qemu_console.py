@@ -25,8 +25,10 @@ BANNER = BOOT_SECTOR_BANNER
 
 
 @contextlib.asynccontextmanager
-async def agent(vms, **registry_options):
-    """A registry serving *vms* (QemuVM objects or (name, path) pairs) and a provider."""
+async def agent(vms, cont=True, **registry_options):
+    """A registry serving *vms* (QemuVM objects or (name, path) pairs) and a provider.
+    VMs started paused (-S, so that no output escapes the takeover) are resumed once
+    the agent is attached, unless *cont* is false."""
     pairs = [(v.name, str(v.qmp_path)) if isinstance(v, QemuVM) else v for v in vms]
     registry = VMRegistry(pairs, **registry_options)
     await registry.start()
@@ -34,6 +36,8 @@ async def agent(vms, **registry_options):
         for v in vms:
             if isinstance(v, QemuVM):
                 assert await registry.get(v.name).monitor.wait_ready(10)
+                if cont and v.paused:
+                    await registry.get(v.name).monitor.execute("cont")
         yield QemuProvider(registry), registry
     finally:
         await registry.stop()
@@ -60,7 +64,7 @@ async def end(stream):
 
 @pytest.fixture
 def vm(tmp_path):
-    v = boot_sector_vm(tmp_path, vnc=False, name="bs")
+    v = boot_sector_vm(tmp_path, vnc=False, name="bs", paused=True)
     yield v
     v.terminate()
 
@@ -94,11 +98,10 @@ def test_round_trip(vm):
 def test_boot_output_captured_before_attach(vm):
     """VM started paused (-S): the agent takes the console over before the guest runs,
     so the banner is in the ring although nobody was attached when it was printed."""
-    vm.paused = True
     vm.start()
 
     async def main():
-        async with agent([vm]) as (provider, registry):
+        async with agent([vm], cont=False) as (provider, registry):
             mon = registry.get("bs").monitor
             assert mon.state == "prelaunch"
             assert registry.get("bs").consoles.describe()[0]["status"] == "attached"
@@ -376,8 +379,8 @@ def test_qemu_killed_and_restarted(tmp_path):
     console's offsets go on, the ring still holds the previous boot)."""
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    a = boot_sector_vm(tmp_path / "a", vnc=False, name="web1")
-    b = boot_sector_vm(tmp_path / "b", vnc=False, name="web2")
+    a = boot_sector_vm(tmp_path / "a", vnc=False, name="web1", paused=True)
+    b = boot_sector_vm(tmp_path / "b", vnc=False, name="web2", paused=True)
     a.start()
     b.start()
     try:
@@ -404,10 +407,11 @@ def test_qemu_killed_and_restarted(tmp_path):
 
                 a.wait()
                 a.proc = None
-                a.start()
+                a.start()  # paused again: its banner is surely captured
                 t0 = time.monotonic()
                 assert await registry.get("web1").monitor.wait_ready(10)
                 print("re-attached %.2f s after restart" % (time.monotonic() - t0))
+                await registry.get("web1").monitor.execute("cont")
                 await wait_offset(registry, "web1", 2 * len(BANNER), console="serial0")
                 again = await open_channel(provider, "web1", "console", "rw", {"replay": "all"})
                 assert await read_exactly(again, 2 * len(BANNER)) == BANNER + BANNER
@@ -426,10 +430,11 @@ def test_socket_directory(tmp_path):
     for sub in ("q", "1", "2"):
         (tmp_path / sub).mkdir()
     d = tmp_path / "q"
-    first = boot_sector_vm(tmp_path / "1", vnc=False, name="first")
+    first = boot_sector_vm(tmp_path / "1", vnc=False, name="first", paused=True)
     first.qmp_path = d / "first.qmp"
     first.start()
-    late = boot_sector_vm(tmp_path / "2", vnc=False, name="late")
+    # paused: without -S the guest may print its banner before the agent finds it
+    late = boot_sector_vm(tmp_path / "2", vnc=False, name="late", paused=True)
     late.qmp_path = d / "late.qmp"
     try:
         async def main():
@@ -440,7 +445,8 @@ def test_socket_directory(tmp_path):
                 while "late" not in registry.names():
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
-                await registry.get("late").monitor.wait_ready(10)
+                assert await registry.get("late").monitor.wait_ready(10)
+                await registry.get("late").monitor.execute("cont")
                 await wait_offset(registry, "late", len(BANNER))
                 s = await open_channel(provider, "late", "console", "rw", {"replay": "all"})
                 assert await read_until(s, BANNER) == BANNER

@@ -158,3 +158,42 @@ def test_concurrent_fd_passing(tmp_path):
         asyncio.run(main())
     finally:
         vm.terminate()
+
+
+def test_reconfigure(tmp_path):
+    """Configured VMs can change at run time (reload): a removed VM's streams are reset
+    with the reason, an added one is served."""
+    from vproxy.errors import ChannelRefused, StreamReset
+    from vproxy.mux import RefuseCode, ResetCode
+
+    vm = boot_sector_vm(tmp_path, vnc=True, name="r1").start()
+    try:
+        async def main():
+            registry = VMRegistry([("r1", str(vm.qmp_path))])
+            await registry.start()
+            try:
+                provider = QemuProvider(registry)
+                assert await registry.get("r1").monitor.wait_ready(10)
+                s = await open_channel(provider, "r1", "vnc")
+                assert await read_exactly(s, 12) == b"RFB 003.008\n"
+                assert await registry.reconfigure([]) == ([], ["r1"])
+                with pytest.raises(StreamReset) as e:
+                    while await asyncio.wait_for(s.read(), 10):
+                        pass
+                assert e.value.code == ResetCode.CHANNEL_GONE
+                assert e.value.message == "VM r1 was removed from the agent's configuration"
+                with pytest.raises(ChannelRefused) as e:
+                    await open_channel(provider, "r1", "vnc")
+                assert e.value.code == RefuseCode.NO_SUCH_VM
+                assert await registry.reconfigure([("r2", str(vm.qmp_path))]) == (["r2"], [])
+                assert await registry.get("r2").monitor.wait_ready(10)
+                s = await open_channel(provider, "r2", "vnc")
+                assert await read_exactly(s, 12) == b"RFB 003.008\n"
+                s.reset(0, "done")
+                await asyncio.wait_for(s.task, 10)
+            finally:
+                await registry.stop()
+
+        asyncio.run(main())
+    finally:
+        vm.terminate()

@@ -8,7 +8,7 @@ from vproxy.qemu.ring import RingBuffer
 from vproxy.qemu.vnc import SharedFlagFilter
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(capacity=st.integers(1, 64), chunks=st.lists(st.binary(max_size=100), max_size=30),
        data=st.data())
 def test_ring_matches_model(capacity, chunks, data):

@@ -29,6 +29,8 @@ async def agent(*vms):
     try:
         for v in vms:
             assert await registry.get(v.name).monitor.wait_ready(10)
+            if v.paused:
+                await registry.get(v.name).monitor.execute("cont")
         yield QemuProvider(registry), registry
     finally:
         await registry.stop()
@@ -100,7 +102,7 @@ def test_shared_flag_filter():
 def test_rfb_handshake_and_two_viewers(tmp_path):
     """RFB through the channel with -vnc none (no listener at all); a second viewer
     asking for exclusive access does not kick the first."""
-    vm = boot_sector_vm(tmp_path, vnc=True, name="bs").start()
+    vm = boot_sector_vm(tmp_path, vnc=True, name="bs", paused=True).start()
     try:
         async def main():
             async with agent(vm) as (provider, registry):

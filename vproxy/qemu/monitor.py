@@ -96,7 +96,7 @@ class VMMonitor:
         self._shutdown_reason = ""
         self._fd_lock: Optional[asyncio.Lock] = None
         self._warned_busy = False
-        self._stopping = False
+        self._stopping = ""  # why stop() was called, while it runs
 
     def __repr__(self) -> str:
         return "<VMMonitor %s %s %s>" % (self.name, self.qmp_path, self.state)
@@ -129,17 +129,25 @@ class VMMonitor:
     def start(self) -> None:
         """Start the supervisor task (connect now, reconnect whenever QEMU comes back)."""
         if self._task is None:
-            self._stopping = False
+            self._stopping = ""
             self._ready = asyncio.Event()
             self._task = asyncio.ensure_future(self._supervise())
 
-    async def stop(self) -> None:
-        """Stop supervising and drop the QMP connection (QEMU keeps running)."""
+    async def stop(self, reason: str = "") -> None:
+        """Stop supervising and drop the QMP connection (QEMU keeps running). Owners
+        hear `on_lost(reason)` (default: the agent is shutting down)."""
         task, self._task = self._task, None
         if task is not None:
-            self._stopping = True
+            self._stopping = reason or ("VM %s is no longer served: the agent is shutting "
+                                        "down" % self.name)
+            # On Python < 3.12 asyncio.wait_for can swallow a cancellation that lands
+            # as the awaited connect() fails (bpo-42130); the supervisor also checks
+            # _stopping, and a cancellation that got lost is sent again.
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            while not task.done():
+                await asyncio.wait([task], timeout=1.0)
+                if not task.done():
+                    task.cancel()
         if self._status_task is not None:
             self._status_task.cancel()
         await self._drop_client()
@@ -163,7 +171,7 @@ class VMMonitor:
 
     def gone_message(self) -> str:
         if self._stopping:
-            return "VM %s is no longer served: the agent is shutting down" % self.name
+            return self._stopping
         if self._shutdown_reason:
             return "VM %s went away (QEMU shut down: %s)" % (self.name, self._shutdown_reason)
         return "VM %s went away (QEMU exited)" % self.name
@@ -230,7 +238,7 @@ class VMMonitor:
 
     async def _supervise(self) -> None:
         backoff = self.min_backoff
-        while True:
+        while not self._stopping:
             if not await self._connect():
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
@@ -255,17 +263,18 @@ class VMMonitor:
                     await client.runstate_changed()
             finally:
                 # Also on cancellation (stop()): owners must hear that QEMU is gone.
+                # They hear it first: nothing here may be skipped by a cancellation.
                 if self._ready is not None:
                     self._ready.clear()
                 self.state = ABSENT
                 reason = self.gone_message()
-                await self._drop_client()
                 log.info("VM %s: %s", self.name, reason)
                 for owner in list(self._owners):
                     try:
                         owner.on_lost(reason)
                     except Exception:
                         log.exception("VM %s: %r.on_lost failed", self.name, owner)
+                await self._drop_client()
 
     async def _connect(self) -> bool:
         client = QMPClient(self.name)

@@ -57,8 +57,9 @@ class VM:
     def start(self) -> None:
         self.monitor.start()
 
-    async def stop(self) -> None:
-        await self.monitor.stop()
+    async def stop(self, reason: str = "") -> None:
+        """Stop serving this VM; open streams are reset with *reason*."""
+        await self.monitor.stop(reason)
         self.consoles.close()
 
     async def ready(self, timeout: float = 5.0) -> None:
@@ -132,6 +133,30 @@ class VMRegistry:
             self._scanner = None
         vms, self._vms = list(self._vms.values()), {}
         await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
+
+    async def reconfigure(self, vms: Iterable[Tuple[str, str]],
+                          reason: str = "") -> Tuple[List[str], List[str]]:
+        """Make the configured VMs *vms* (e.g. on a configuration reload); returns the
+        names (added, removed). A VM whose path changed is replaced; a directory VM
+        whose name is now configured gives way. Streams of a VM that goes are reset
+        with *reason* (default: "VM x was removed from the agent's configuration")."""
+        new = dict(vms)
+        added: List[str] = []
+        removed: List[str] = []
+        for name in sorted(set(new) | {n for n, v in self._vms.items() if v.source == "config"}):
+            vm = self._vms.get(name)
+            if vm is not None and vm.source == "config" and vm.qmp_path == new.get(name):
+                continue
+            if vm is not None:
+                del self._vms[name]
+                await vm.stop(reason or "VM %s was removed from the agent's configuration" % name)
+                if name not in new:
+                    removed.append(name)
+            if name in new:
+                self._add(VM(name, new[name], source="config", **self._vm_options))  # type: ignore[arg-type]
+                added.append(name)
+        self._configured = list(new.items())
+        return added, removed
 
     async def rescan(self) -> None:
         """Pick up new sockets in the directory; drop VMs whose socket is gone."""
