@@ -62,7 +62,7 @@ async def safe_close(stream: Any) -> None:
         pass
 
 
-async def copy_socket_to_stream(sock: socket.socket, stream: Any, on_data: Any = None) -> None:
+async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> None:
     """Copy until EOF on *sock*; returns normally at EOF, raises on stream errors."""
     loop = asyncio.get_event_loop()
     while True:
@@ -72,6 +72,4 @@ async def copy_socket_to_stream(sock: socket.socket, stream: Any, on_data: Any =
             data = b""
         if not data:
             return
-        if on_data is not None:
-            on_data(len(data))
         await stream.write(data)

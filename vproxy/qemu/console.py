@@ -140,9 +140,20 @@ class Console:
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
         self._reader = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._drain(sock)  # the last words of a dying QEMU (a panic...) are kept
+            sock.close()
+
+    def _drain(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(CHUNK)
+            except OSError:  # BlockingIOError: nothing more for now
+                return
+            if not data:
+                return
+            self._received(data)
 
     async def _read_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_event_loop()
