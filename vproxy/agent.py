@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Tuple
 
 from . import mux, tls, transport
 from .errors import ChannelRefused, SessionClosed, StreamReset
+from .metrics import Metrics
 from .mux import RefuseCode
 from .session import Session, Stream
 
@@ -39,6 +40,8 @@ class AgentConfig:
     console_ring: int = 1 << 20  # bytes of history per console
     console_log_dir: Optional[str] = None
     local_socket: Optional[str] = None  # also listen here, clients known by uid (localmode)
+    drain_timeout: float = 10.0  # on shutdown: how long open streams may finish
+    metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
 
 
 class AgentSession(Session):
@@ -56,8 +59,10 @@ class AgentSession(Session):
             if ssl_object is not None:
                 tls.check_alpn(ssl_object)
                 self.peer_identity = tls.identity_of(ssl_object)
+                self.agent.judge_late_handshake(ssl_object)
         except tls.TlsError as e:
             log.warning("refused connection from %s: %s", peer, e)
+            self.agent.metrics.handshake_failed()
             transport.abort()
             return
         self.name = "session %s from %s" % (self.peer_identity, self.peer_label(peer))
@@ -76,6 +81,12 @@ class AgentSession(Session):
     async def _dispatch(self, stream: Stream) -> None:
         await self.agent.serve_stream(self, stream)
 
+    def end(self, message: str) -> None:
+        """End the session now (not a drain): GOAWAY SHUTDOWN with message, then close."""
+        log.warning("%s: ending the session: %s", self.name, message)
+        self._conn.goaway(mux.ErrorCode.SHUTDOWN, message)
+        self.close(message)
+
 
 class Agent:
     def __init__(self, config: AgentConfig, providers: Optional[dict] = None, acl: Any = None):
@@ -88,8 +99,14 @@ class Agent:
         self.acl = acl
         self.registry = None  # vproxy.qemu.vms.VMRegistry, when VMs are configured
         self.sessions: "set[AgentSession]" = set()
+        self.streams: "set[Stream]" = set()  # accepted and not yet ended (reload, metrics)
+        self.metrics = Metrics()
+        self.metrics_server = None  # vproxy.metrics.MetricsServer, with config.metrics
+        self.draining = False
         self._servers: List[transport.Server] = []
         self._ssl: Optional[ssl.SSLContext] = None
+        self._trust = None  # vproxy.crl.Trust after a reload: judges late handshakes
+        self._reload_lock: Optional[asyncio.Lock] = None
 
     @property
     def addresses(self) -> List[str]:
@@ -125,12 +142,52 @@ class Agent:
             from .localmode import start_local_server
 
             self._servers.append(await start_local_server(self, c.local_socket))
+        self.metrics.watch_vms(self.registry)
+        if c.metrics:
+            from .metrics import MetricsServer
+
+            self.metrics_server = await MetricsServer(self, c.metrics).start()
 
     def _handshake_failed(self, peer, exc: BaseException) -> None:
+        self.metrics.handshake_failed()
         log.warning("refused connection from %s: %s", _addr(peer), tls.describe_tls_error(exc))
 
-    async def shutdown(self, message: str = "the agent is shutting down", drain_timeout: float = 10.0) -> None:
-        """Stop listening, send GOAWAY to every session, let open streams drain."""
+    def judge_late_handshake(self, ssl_object) -> None:
+        """A handshake that began before a reload finished with the old SSLContext:
+        raise TlsError if the reloaded CA or CRL would have refused it."""
+        if self._trust is not None and ssl_object.context is not self._ssl:
+            from .reload import stale_session_reason
+
+            why = stale_session_reason(ssl_object, self._trust)
+            if why is not None:
+                raise tls.TlsError(why)
+
+    async def reload(self, settings):
+        """Apply new settings (a vproxy.reload.Settings, or a callable returning one)
+        without dropping sessions that are still allowed. Raises UserError and keeps
+        the previous settings if anything is wrong; returns a vproxy.reload.Outcome."""
+        from . import reload as reloading
+        from .errors import UserError
+
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            try:
+                prepared = reloading.prepare(self, settings() if callable(settings) else settings)
+            except UserError as e:
+                self.metrics.reloaded(False, e.message)
+                raise
+            outcome = await reloading.apply(self, prepared)
+            self.metrics.reloaded(True, outcome.summary())
+            return outcome
+
+    async def shutdown(self, message: str = "the agent is shutting down",
+                       drain_timeout: Optional[float] = None) -> None:
+        """Stop listening, send GOAWAY to every session, let open streams drain (for
+        config.drain_timeout seconds unless drain_timeout is given)."""
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
+        self.draining = True
         for server in self._servers:
             server.close()
         sessions = list(self.sessions)
@@ -141,6 +198,8 @@ class Agent:
             await server.wait_closed()
         if self.registry is not None:
             await self.registry.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
 
     async def listing(self, identity) -> List[dict]:
         """What `vproxy ls` shows this identity: the VMs the ACL lets it open anything on."""
@@ -162,8 +221,10 @@ class Agent:
             if not request.vm and request.channel == "ls":
                 channel = ListingChannel(await self.listing(identity))
                 stream.accept(channel.info)
+                self.metrics.opened()
                 await channel.run(stream)
                 return
+            acl = self.acl
             if request.vm:  # before anything else: say nothing about VMs to strangers
                 self._authorize(identity, request)
             provider = self.providers.get("" if not request.vm else "vm")
@@ -171,12 +232,17 @@ class Agent:
                 raise ChannelRefused(RefuseCode.NO_SUCH_VM,
                                      "this agent serves no VMs (no QEMU configured)")
             channel = await provider.open(request, identity)
+            if request.vm and self.acl is not acl:  # reloaded meanwhile: ask the new ACL
+                self._authorize(identity, request)
         except ChannelRefused as e:
             result = "refused: %s" % e.message
             stream.refuse(e.code, e.message)
+            self.metrics.refused(e.code)
             self._audit(identity, request, result, stream, started)
             return
         stream.accept(channel.info)
+        self.metrics.opened()
+        self.streams.add(stream)
         try:
             await channel.run(stream)
             if stream.error is not None:  # the channel reset it, e.g. QEMU went away
@@ -189,6 +255,8 @@ class Agent:
         finally:
             if not stream.closed and not stream.local_ended:
                 stream.reset(mux.ResetCode.CANCEL, "channel ended")
+            self.streams.discard(stream)
+            self.metrics.stream_ended(stream)
             self._audit(identity, request, result, stream, started)
 
     def _authorize(self, identity, request) -> None:
@@ -200,10 +268,15 @@ class Agent:
     def _audit(self, identity, request, result, stream: Stream, started: float) -> None:
         # built-in channels (bench traffic) are not access to a VM: debug level only
         level = logging.INFO if request.vm else logging.DEBUG
+        duration = time.monotonic() - started
         audit_log.log(level,
             "identity=%s vm=%s channel=%s mode=%s result=%r in=%d out=%d duration=%.3f",
             _quote(str(identity)), _quote(request.vm or "-"), _quote(request.channel), request.mode,
-            result, stream.bytes_in, stream.bytes_out, time.monotonic() - started,
+            result, stream.bytes_in, stream.bytes_out, duration,
+            extra={"fields": {  # for --log-format json (vproxy.ops)
+                "identity": str(identity), "vm": request.vm, "channel": request.channel,
+                "mode": request.mode, "result": result, "bytes_in": stream.bytes_in,
+                "bytes_out": stream.bytes_out, "duration": round(duration, 3)}},
         )
 
 

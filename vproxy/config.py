@@ -31,6 +31,7 @@ KEYS = {
     "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
     "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
     "console_log_dir": str, "vm": list, "allow": list, "local_socket": str,
+    "drain_timeout": (int, float), "metrics": str, "log_format": str,
 }
 
 
@@ -85,6 +86,10 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
     out.acl = Acl(rules)
     if out.settings.get("console_ring", 1) <= 0:
         raise UserError("%s: console_ring must be positive" % path)
+    if out.settings.get("drain_timeout", 0) < 0:
+        raise UserError("%s: drain_timeout must not be negative" % path)
+    if out.settings.get("log_format", "text") not in ("text", "json"):
+        raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
     return out
 
 

@@ -753,6 +753,15 @@ class Server:
     def is_serving(self) -> bool:
         return self._serving
 
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
+    def set_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Use ssl_context for connections accepted from now on (a reload). Handshakes
+        under way and connections already made keep the context they started with."""
+        self._context = ssl_context
+
     def close(self) -> None:
         """Stop listening and drop the handshakes in progress. Connections already
         made stay up (as with asyncio's Server)."""

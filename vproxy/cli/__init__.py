@@ -72,18 +72,27 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Also append each console's output to DIR/VM.CONSOLE.log.")
 @click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
               help="Drop a connection whose TLS handshake takes longer. [default: 5]")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="On SIGTERM, let open streams finish for this long. [default: 10]")
+@click.option("--metrics", "metrics", default=None, metavar="ADDR",
+              help="Serve GET /metrics (Prometheus) and /status (JSON) on ADDR: "
+                   "127.0.0.1:PORT, PORT, or unix:PATH (loopback or unix only).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text, or as one JSON object per line. [default: text]")
 @click.option("--audit-log", type=click.Path(dir_okay=False), metavar="FILE",
               help="Append one audit line per channel open to FILE (default: stderr).")
 @click.option("--local-socket", type=click.Path(dir_okay=False), metavar="PATH",
               help="Also listen on the unix socket PATH, without TLS, for local users: the "
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
-          handshake_timeout, audit_log, local_socket, **tls_args) -> None:
+          handshake_timeout, drain_timeout, metrics, log_format, audit_log, local_socket,
+          **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
     Access is denied unless an ACL rule (config file, or --allow) grants it. The
     built-in channels sink, source and echo (used by `vproxy bench`) are open to any
-    client whose certificate the CA signed.
+    client whose certificate the CA signed. SIGHUP reloads the certificates, CA, CRL,
+    ACL and VM list; SIGTERM drains.
 
     \b
     Examples:
@@ -95,10 +104,15 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
     from ..client import parse_address
     from ..config import load_agent_config
     from ..errors import UserError
-    from .serving import run_agent
+    from .serving import make_reloader, run_agent
 
     file_config = load_agent_config(config_path)
     settings = file_config.settings
+    cli_tls = dict(tls_args)  # for reloads: the command line over the file, as now
+    overridden = {k for k, v in (("listen", listen), ("vm_dir", vm_dir), ("console_ring", console_ring),
+                                 ("console_log_dir", console_log_dir), ("audit_log", audit_log),
+                                 ("handshake_timeout", handshake_timeout), ("metrics", metrics),
+                                 ("log_format", log_format), ("local_socket", local_socket)) if v}
     for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
         if not tls_args.get(key) and settings.get(key):
             tls_args[key] = settings[key]
@@ -121,12 +135,18 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         acl.rules.append(Rule(tuple(allow), ("*",), ("*",), ("force", "hotplug")))
     config = AgentConfig(
         listen_host=host, listen_port=port,
+        drain_timeout=drain_timeout if drain_timeout is not None else settings.get("drain_timeout", 10.0),
+        metrics=metrics or settings.get("metrics"),
         handshake_timeout=handshake_timeout or settings.get("handshake_timeout", 5.0),
         vms=vm_list, vm_dir=vm_dir or settings.get("vm_dir"),
         console_ring=console_ring or settings.get("console_ring", 1 << 20),
         console_log_dir=console_log_dir or settings.get("console_log_dir"),
         local_socket=local_socket, **paths)
-    run_async(run_agent(Agent(config, acl=acl), audit_log or settings.get("audit_log")))
+    reloader = make_reloader(config_path, cli_tls, allow, vms, drain_timeout, bool(paths["cert"]),
+                             dict(settings), overridden)
+    run_async(run_agent(Agent(config, acl=acl), audit_log or settings.get("audit_log"),
+                        log_format=log_format or settings.get("log_format", "text"),
+                        reloader=reloader))
 
 
 @main.command(name="ls")

@@ -5,32 +5,138 @@ import json
 import logging
 import signal
 import sys
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
 from .common import EXIT_UNREACHABLE
 
 
-async def run_agent(agent, audit_path: Optional[str] = None) -> int:
+async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "text",
+                    reloader: Optional[Callable[[], Any]] = None) -> int:
+    """Run the agent until SIGTERM/SIGINT (then drain; a second signal cuts the drain
+    short). SIGHUP reloads: reloader() returns the new vproxy.reload.Settings. With
+    NOTIFY_SOCKET set, tells systemd (READY, RELOADING, STOPPING, STATUS)."""
+    from ..errors import UserError
+    from ..ops import formatter_for, say, use_log_format
+    from ..sdnotify import Notifier
+
+    use_log_format(log_format)
     if audit_path:
         handler = logging.FileHandler(audit_path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handler.setFormatter(formatter_for(log_format, "%(asctime)s %(message)s"))
         audit = logging.getLogger("vproxy.audit")
         audit.addHandler(handler)
         audit.propagate = False
     logging.getLogger("vproxy.audit").setLevel(logging.INFO)
+    notifier = Notifier()
+    hup = asyncio.Event()
+    loop = asyncio.get_event_loop()
+    loop.add_signal_handler(signal.SIGHUP, hup.set)  # before start: SIGHUP's default kills
     await agent.start()
     stop = asyncio.Event()
-    loop = asyncio.get_event_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     for address in agent.addresses:
-        click.echo("vproxy: listening on %s" % address, err=True)
-    await stop.wait()
-    click.echo("vproxy: shutting down: draining %d session(s)" % len(agent.sessions), err=True)
+        say("listening on %s" % address, log_format, address=address)
+    if agent.metrics_server is not None:
+        for address in agent.metrics_server.addresses:
+            say("metrics and status on %s" % address, log_format, metrics=address)
+    notifier.ready("serving on %s" % ", ".join(agent.addresses))
+
+    async def reload_on_hup() -> None:
+        while True:
+            await hup.wait()
+            hup.clear()
+            notifier.reloading("reloading")
+            try:
+                outcome = await agent.reload(reloader or _no_reloader)
+            except UserError as e:
+                say("reload failed, keeping the previous settings: %s" % e.message, log_format,
+                    level="error")
+                notifier.ready("reload failed: %s" % e.message)
+            except Exception as e:  # a bug: say so, keep serving
+                logging.getLogger("vproxy.agent").exception("reload failed")
+                say("reload failed: %s" % e, log_format, level="error")
+                notifier.ready("reload failed: %s" % e)
+            else:
+                say(outcome.summary(), log_format, sessions_ended=outcome.sessions_ended,
+                    streams_reset=outcome.streams_reset)
+                notifier.ready("serving on %s; reloaded" % ", ".join(agent.addresses))
+
+    reloading = asyncio.ensure_future(reload_on_hup())
+    try:
+        await stop.wait()
+    finally:
+        reloading.cancel()
+    loop.add_signal_handler(signal.SIGHUP, lambda: say("SIGHUP ignored: the agent is shutting down",
+                                                       log_format, level="warning"))
+    draining = "draining %d session(s) for up to %g s" % (len(agent.sessions),
+                                                           agent.config.drain_timeout)
+    say("shutting down: %s" % draining, log_format)
+    notifier.stopping("shutting down: %s" % draining)
+
+    def cut_short() -> None:
+        say("second signal: ending the drain now", log_format)
+        for session in list(agent.sessions):
+            session.close("the agent is shutting down")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cut_short)
     await agent.shutdown()
+    notifier.close()
     return 0
+
+
+def _no_reloader():
+    from ..errors import UserError
+
+    raise UserError("this agent was not started with a way to reload its settings")
+
+
+# Settings a reload cannot change: a changed value is reported, and waits for a restart.
+RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log_dir",
+                "audit_log", "handshake_timeout", "metrics", "log_format")
+
+
+def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Sequence[str],
+                  vm_specs: Sequence[str], drain_timeout: Optional[float], tls_enabled: bool,
+                  started: Dict[str, Any], overridden: Sequence[str] = ()) -> Callable[[], Any]:
+    """What `serve` gives run_agent for SIGHUP: read the config file again and lay this
+    command line's options over it, as at start; returns vproxy.reload.Settings.
+    started: the file's settings at start, overridden: the keys the command line set
+    (to report the file's changes that need a restart)."""
+
+    def load():
+        from ..acl import Rule
+        from ..config import load_agent_config
+        from ..reload import Settings
+        from .common import resolve_tls
+
+        file_config = load_agent_config(config_path)
+        settings = file_config.settings
+        paths: Dict[str, Any] = {"cert": "", "key": "", "ca": "", "crl": None}
+        if tls_enabled:
+            tls_args = dict(cli_tls)
+            for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
+                if not tls_args.get(key) and settings.get(key):
+                    tls_args[key] = settings[key]
+            paths = resolve_tls(tls_args, server=True)
+        acl = file_config.acl
+        if allow:
+            acl.rules.append(Rule(tuple(allow), ("*",), ("*",), ("force", "hotplug")))
+        vms = list(file_config.vms)
+        for spec in vm_specs:  # checked at start
+            name, _, qmp = spec.partition("=")
+            vms = [v for v in vms if v[0] != name] + [(name, qmp)]
+        changed = [k for k in RESTART_KEYS
+                   if k not in overridden and settings.get(k) != started.get(k)]
+        return Settings(acl=acl, vms=vms, needs_restart=changed,
+                        drain_timeout=(drain_timeout if drain_timeout is not None
+                                       else settings.get("drain_timeout", 10.0)),
+                        **paths)
+
+    return load
 
 
 async def run_bench(target, seconds: float, streams: int, as_json: bool) -> int:
