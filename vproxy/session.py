@@ -10,7 +10,7 @@ much bulk data.
 import asyncio
 import logging
 from collections import deque
-from typing import Awaitable, Callable, Deque, Dict, List, Optional
+from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import mux
 from .errors import ChannelRefused, SessionClosed, StreamReset
@@ -25,6 +25,8 @@ PULL_LIMIT = 64 * 1024  # bytes of data frames taken from the core per transport
 # read saved; and a large fresh allocation costs a page fault per 4 KiB)
 GATHER_BELOW = 16 * 1024
 GATHER_MAX = 64 * 1024
+RTT_PROBES = (0.02, 0.1, 1.0, 10.0)  # seconds from the start, then between pings that
+                                     # measure the base round trip
 MAX_NOTICES = 256  # notices kept per stream for a reader that does not ask for them
 
 
@@ -248,6 +250,7 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self._conn.last_received = self._loop.time()
         self._schedule_timer()
+        self._loop.call_later(RTT_PROBES[0], self._probe_rtt, RTT_PROBES[1:])
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -463,6 +466,17 @@ class Session(asyncio.Protocol):
                     stream._writable.set()
         if self._conn.is_drained and self._conn.local_goaway and self.close_reason is None:
             pass  # goaway() closes once drained
+
+    def _probe_rtt(self, later: Tuple[float, ...]) -> None:
+        """Ping now, then again after each delay in `later`: the shortest round trip
+        seen is the base RTT that stream windows grow by (vproxy.mux.Config). A few
+        samples, because one taken while a side was busy says little."""
+        if self.closed.done() or self.transport is None or self.transport.is_closing():
+            return
+        self._conn.probe_rtt(self._loop.time())
+        self._flush()
+        if later:
+            self._loop.call_later(later[0], self._probe_rtt, later[1:])
 
     def _schedule_timer(self) -> None:
         if self._timer is not None:

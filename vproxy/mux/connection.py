@@ -6,6 +6,7 @@ receive_data(), events come out; the API methods queue frames that data_to_send(
 hands back. Time is passed in (`now`, in seconds) so that tests control the clock.
 """
 
+import math
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +35,15 @@ class Config:
     keepalive_interval: float = 5.0  # ping after this long without hearing the peer
     keepalive_timeout: float = 10.0  # declare the peer dead after this long
     initial_rtt: float = 0.05  # assumed until the first ping answer
+    # A stream's window doubles while it holds less than two round trips of what its
+    # reader takes: the bandwidth-delay product, twice. The round trip is the base
+    # one (the shortest a ping took), never less than window_rtt_floor; the reader's
+    # rate is a moving average with this time constant. Neither may follow the
+    # queue: under load a ping waits behind the bulk data in flight, and a reader
+    # that fell behind takes what waited for it in one gulp; a window grown on those
+    # grows the queue, which a keystroke on another stream waits behind.
+    window_rtt_floor: float = 0.0005
+    window_rate_period: float = 0.02
 
 
 class StreamState(Enum):
@@ -103,7 +113,8 @@ class _StreamError(Exception):
 class _Stream:
     __slots__ = (
         "id", "state", "priority", "send_window", "send_buffer", "send_buffered",
-        "end_pending", "queued", "recv_credit", "recv_window", "consumed", "last_update",
+        "end_pending", "queued", "recv_credit", "recv_window", "consumed", "rate_start",
+        "rate_bytes", "rate",
     )
 
     def __init__(self, stream_id: int, state: StreamState, priority: int):
@@ -118,7 +129,9 @@ class _Stream:
         self.recv_credit = 0  # bytes the peer may still send us
         self.recv_window = 0  # target window; counts against the session budget
         self.consumed = 0  # bytes the application read that we have not re-granted
-        self.last_update = 0.0  # when we last sent WINDOW
+        self.rate = 0.0  # bytes per second the reader takes (moving average)
+        self.rate_start = 0.0  # rate_bytes were consumed since this time
+        self.rate_bytes = 0
 
     def take(self, size: int, parts: List[memoryview]) -> None:
         """Move the first `size` buffered bytes to parts (views, no copy)."""
@@ -156,8 +169,10 @@ class Connection:
         self._budget_used = 0  # sum of recv_window over streams
         self._decoder = fr.FrameDecoder()
         self._pings: Dict[bytes, float] = {}
+        self._probes: "set[bytes]" = set()  # pings from probe_rtt()
         self._ping_counter = 0
         self.rtt: Optional[float] = None  # smoothed, seconds
+        self.min_rtt: Optional[float] = None  # the shortest ping round trip seen
         self.last_received = now
         self.local_goaway: Optional[Tuple[int, str]] = None
         self.remote_goaway: Optional[Tuple[int, int, str]] = None
@@ -264,27 +279,51 @@ class Connection:
         if s.consumed < s.recv_window // 2:
             return False
         increment = s.consumed
-        rtt = self.rtt if self.rtt is not None else self.config.initial_rtt
-        if now - s.last_update < 2 * rtt:  # the window empties faster than a round trip
-            grow = min(s.recv_window, self.config.max_window - s.recv_window,
-                       self.config.session_window_limit - self._budget_used)
+        s.rate_bytes += increment
+        c = self.config
+        elapsed = now - s.rate_start
+        if elapsed > 0:
+            weight = 1.0 - math.exp(-elapsed / c.window_rate_period)
+            s.rate += (s.rate_bytes / elapsed - s.rate) * weight
+            s.rate_start = now
+            s.rate_bytes = 0
+        rtt = max(self.min_rtt if self.min_rtt is not None else c.initial_rtt, c.window_rtt_floor)
+        target = s.rate * 2 * rtt
+        if target > s.recv_window:
+            grow = min(s.recv_window, c.max_window - s.recv_window,
+                       c.session_window_limit - self._budget_used)
             if grow > 0:
                 s.recv_window += grow
                 self._budget_used += grow
                 increment += grow
-        s.last_update = now
+        elif target * 4 < s.recv_window and s.recv_window > c.initial_window:
+            # grown on a round trip or a rate that turned out shorter or slower:
+            # give back part of what was consumed instead of all of it
+            shrink = min(s.recv_window // 2, s.recv_window - c.initial_window, increment // 2)
+            s.recv_window -= shrink
+            self._budget_used -= shrink
+            increment -= shrink
         s.consumed = 0
         s.recv_credit += increment
         self._control.append(fr.encode_window(stream_id, increment))
         return True
 
-    def ping(self, now: float) -> None:
+    def ping(self, now: float) -> bytes:
+        """Queue a PING; returns its opaque bytes."""
         self._ping_counter += 1
         opaque = struct.pack(">Q", self._ping_counter)
         if len(self._pings) >= 16:
             self._pings.pop(next(iter(self._pings)))
         self._pings[opaque] = now
         self._control.append(fr.encode_ping(opaque))
+        return opaque
+
+    def probe_rtt(self, now: float) -> None:
+        """A PING that only measures the round trip (rtt, min_rtt): its answer makes
+        no PingAcknowledged event."""
+        opaque = self.ping(now)
+        self._probes.intersection_update(self._pings)  # forget those never answered
+        self._probes.add(opaque)
 
     def goaway(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Refuse new streams from now on; the streams already open carry on (drain)."""
@@ -411,7 +450,12 @@ class Connection:
                 if sent is not None:
                     rtt = max(now - sent, 0.0)
                     self.rtt = rtt if self.rtt is None else 0.875 * self.rtt + 0.125 * rtt
-                    out.append(ev.PingAcknowledged(rtt))
+                    if self.min_rtt is None or rtt < self.min_rtt:
+                        self.min_rtt = rtt
+                    if f.data in self._probes:
+                        self._probes.discard(f.data)  # probe_rtt(): no event
+                    else:
+                        out.append(ev.PingAcknowledged(rtt))
             else:
                 self._control.append(fr.encode_ping(f.data, ack=True))
             return
@@ -551,6 +595,7 @@ class Connection:
 
     def _grant_initial(self, s: _Stream) -> None:
         c = self.config
+        s.rate_start = self.last_received  # the latest time we were told
         window = max(c.min_window, min(c.initial_window, c.session_window_limit - self._budget_used))
         s.recv_window = s.recv_credit = window
         self._budget_used += window
