@@ -6,7 +6,8 @@
     agent.stop()
 
 (The same as test_e2e_qemu.AgentProcess, plus: the agent's stderr is read by a thread
-into `stderr_lines` so the pipe never fills, and it works as a context manager.)
+into `stderr_lines` (and tmp_path/agent.stderr) so the pipe never fills, and it works
+as a context manager.)
 """
 
 import json
@@ -42,12 +43,16 @@ class AgentProcess:
             raise AssertionError("the agent did not start: " + line + self.proc.stderr.read())
         self.address = line.split("listening on ")[1].strip()
         self.stderr_lines: List[str] = []
+        self.stderr_path = tmp_path / "agent.stderr"  # kept for a post-mortem
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 
     def _drain(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
+        with open(self.stderr_path, "a") as copy:
+            for line in self.proc.stderr:
+                self.stderr_lines.append(line.rstrip("\n"))
+                copy.write(line)
+                copy.flush()
 
     def audit_lines(self):
         return self.audit.read_text().splitlines() if self.audit.exists() else []

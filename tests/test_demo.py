@@ -62,7 +62,8 @@ def test_demo_shows_console_and_screen_through_the_tunnel_and_cleans_up(tmp_path
                  r" +you typed: +hello from vproxy$",
                  r" +guest echo: +HELLO FROM VPROXY$",
                  r"  replay +a second, read-only viewer",
-                 r"  vnc +screenshot 720x400 through the tunnel .* saved to %s" % re.escape(str(tmp_path / "vproxy-demo.png")),
+                 r"  vnc +screenshot 720x400 through the tunnel .* saved to %s"
+                 % re.escape(str(tmp_path / "vproxy-demo.png")),
                  r"  ls +demo +running +console serial0 attached +vnc available",
                  r"  audit +identity=demo vm=demo channel=console mode=rw"):
         assert re.search(line, text, re.M), "no line like %r in:\n%s" % (line, text)

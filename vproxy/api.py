@@ -28,6 +28,10 @@ Rules this module keeps:
   LoginFailed.
 - Opening retries, for up to ``wait`` seconds, while the agent answers UNAVAILABLE or
   NO_SUCH_VM (a VM still starting); any other refusal is raised at once.
+- Input is never dropped silently: on a console opened "rw" where someone else is the
+  writer, `send` waits up to WRITER_GRACE seconds for the role (a writer that just
+  left may linger at the agent), then raises ConsoleReadOnly; on one opened "ro" it
+  raises at once.
 - `close()` of a stream waits until what was written has left this side and the
   agent has received it (one ping after it), then resets the stream: the agent still
   delivers those bytes, then drops the viewer at once (a half-close would make a
@@ -46,7 +50,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple, Union
 
 from . import client as _client
 from .errors import ChannelRefused, SessionClosed, UserError, VproxyError
@@ -78,6 +82,8 @@ LogTarget = Union[None, PathLike, BinaryIO]
 #: Refusals worth waiting out: the VM is not there (yet) or its QMP is not ready.
 RETRY_CODES = (RefuseCode.UNAVAILABLE, RefuseCode.NO_SUCH_VM)
 DEFAULT_WAIT = 10.0
+#: Seconds input on a "rw" console that is read-only for now waits for the writer role.
+WRITER_GRACE = 2.0
 
 
 class ConsoleReadOnly(VproxyError):
@@ -231,15 +237,26 @@ class AsyncConsole(AsyncStream):
         for notice in self.stream.pending_notices():
             self._take_notice(notice)
 
-    def _check_input(self) -> None:
+    async def refresh(self) -> None:
+        """Take in the notices received so far (mode, writer, lost)."""
+        self._on_data()
+
+    async def _check_input(self) -> None:
         self._on_data()
         if self.mode != "ro":
             return
         if self.requested_mode == "ro":
             raise ConsoleReadOnly("%s was opened read-only (mode='ro'): cannot send input" % self.name)
-        raise ConsoleReadOnly(
-            "%s is read-only for you: %s is the writer, so input would be dropped; open it "
-            "with mode='force' to take over, or wait_for_writer()" % (self.name, self.writer or "someone else"))
+        # A writer that just left may still be lingering at the agent: give it a moment.
+        from .expect import ExpectTimeout
+
+        try:
+            await self.wait_for_writer(min(WRITER_GRACE, self.timeout))
+        except ExpectTimeout:
+            raise ConsoleReadOnly(
+                "%s is read-only for you: %s is the writer, so input would be dropped; open "
+                "it with mode='force' to take over, or wait_for_writer()"
+                % (self.name, self.writer or "someone else")) from None
 
     async def wait_for_writer(self, timeout: Optional[float] = None) -> None:
         """Wait until this viewer is the writer (the current writer left)."""
@@ -583,8 +600,8 @@ async def connect_async(address: Optional[str] = None, *, cert: Optional[PathLik
     """Connect to an agent over mutual TLS (see `resolve_credentials` for defaults)."""
     c = resolve_credentials(address, cert=cert, key=key, ca=ca, crl=crl, identity=identity,
                             pki_dir=pki_dir)
-    raw = await _client.connect(c["address"], c["cert"], c["key"], c["ca"], c["crl"],  # type: ignore[arg-type]
-                                server_name=server_name, timeout=timeout)
+    raw = await _client.connect(c["address"], c["cert"], c["key"], c["ca"],  # type: ignore[arg-type]
+                                c["crl"], server_name=server_name, timeout=timeout)
     return AsyncClient(raw)
 
 
@@ -715,11 +732,17 @@ class Console(Stream):
     """The sync face of an AsyncConsole."""
 
     _inner: AsyncConsole
-    mode = property(lambda self: (self._inner._on_data(), self._inner.mode)[1],
+
+    def _refreshed(self) -> AsyncConsole:
+        if self._loop.alive:  # notices are taken in on the loop's thread
+            self._run(self._inner.refresh())
+        return self._inner
+
+    mode = property(lambda self: self._refreshed().mode,
                     doc='"rw" while this viewer is the writer, else "ro".')
-    writer = property(lambda self: (self._inner._on_data(), self._inner.writer)[1])
-    notices = property(lambda self: self._inner.notices)
-    lost = property(lambda self: self._inner.lost)
+    writer = property(lambda self: self._refreshed().writer, doc="Who writes now.")
+    notices = property(lambda self: self._refreshed().notices, doc="Notices received.")
+    lost = property(lambda self: self._refreshed().lost, doc="Bytes the agent no longer had.")
 
     def wait_for_writer(self, timeout: Optional[float] = None) -> None:
         self._run(self._inner.wait_for_writer(timeout))

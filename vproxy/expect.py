@@ -200,8 +200,8 @@ class Expecter:
 
     def search_last(self, compiled: Sequence[Pattern], window: int = 4096) -> Optional[Any]:
         """The match that ends latest in the last *window* bytes, if nothing but
-        whitespace and terminal control sequences follow it: "the output currently ends with this prompt". Consumes
-        through it."""
+        whitespace and terminal control sequences follow it ("the output now ends
+        with this prompt"). Consumes through it."""
         base = max(0, len(self.buffer) - window)
         view = bytes(self.buffer[base:])
         best = None
@@ -301,8 +301,8 @@ class AsyncExpect:
 
     # -- raw I/O ----------------------------------------------------------------------
 
-    def _check_input(self) -> None:
-        """Hook: raise if input would be dropped (a read-only console)."""
+    async def _check_input(self) -> None:
+        """Hook: wait until input can be sent, or raise (a read-only console)."""
 
     def _on_data(self) -> None:
         """Hook: called after each read from the stream (notices, offsets)."""
@@ -331,7 +331,7 @@ class AsyncExpect:
         return self._x.take(max_bytes)
 
     async def write(self, data: Union[bytes, bytearray, str]) -> None:
-        self._check_input()
+        await self._check_input()
         await self.stream.write(_encode(data, self._x.encoding))
 
     send = write

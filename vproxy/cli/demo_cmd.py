@@ -37,7 +37,8 @@ def demo(ctx: click.Context, screenshot, qemu: str, keep_running: bool) -> None:
     """
     from .. import demo as demo_module
 
-    commands = sorted(ctx.parent.command.commands) if ctx.parent is not None else []  # type: ignore[union-attr]
+    root = ctx.find_root().command
+    commands = sorted(getattr(root, "commands", {}))
     sys.exit(demo_module.run(qemu=qemu, screenshot=screenshot, keep_running=keep_running,
                              cli_commands=commands))
 
