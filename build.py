@@ -269,9 +269,9 @@ if sys.version_info < (3, 9):
                      % sys.version_info[:2])
     sys.exit(1)
 
-from vproxy.cli import main
+from vproxy.cli import entry  # vproxy's error handling: one line, never a traceback
 
-sys.exit(main())
+entry()
 '''
 
 

@@ -151,6 +151,16 @@ def test_pyz_version_without_site_packages():
         assert m and zip_build_hash(pyz).startswith(m.group(1)), text
 
 
+def test_pyz_reports_user_errors_in_one_line():
+    """Inside the .pyz too, a user error is one line and exit 2, never a traceback."""
+    out = subprocess.run([sys.executable, "-I", "-S", str(session_pyz()), "bench", "localhost:1",
+                          "--cert", "/nonexistent.pem", "--key", "/nonexistent.key",
+                          "--ca", "/nonexistent-ca.pem"], env={}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("vproxy: error: ") and "Traceback" not in out.stderr, out.stderr
+
+
 def test_refuses_syntax_python39_cannot_parse(tmp_path):
     top = snapshot_tree(tmp_path / "src")
     (top / "vproxy" / "_new_syntax.py").write_text(
