@@ -122,7 +122,7 @@ class _Stream:
         self.state = state
         self.priority = priority
         self.send_window = 0  # bytes the peer lets us send
-        self.send_buffer: Deque[memoryview] = deque()
+        self.send_buffer: Optional[Deque[memoryview]] = None  # made by the first data
         self.send_buffered = 0
         self.end_pending = False  # END_STREAM still to be sent after the buffer
         self.queued = False  # in a send queue
@@ -135,7 +135,7 @@ class _Stream:
 
     def take(self, size: int, parts: List[memoryview]) -> None:
         """Move the first `size` buffered bytes to parts (views, no copy)."""
-        buffer = self.send_buffer
+        buffer: Deque[memoryview] = self.send_buffer  # type: ignore[assignment]
         need = size
         while need:
             head = buffer[0]
@@ -246,6 +246,8 @@ class Connection:
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         s = self._local(stream_id, I.SEND_DATA)
         if data:
+            if s.send_buffer is None:
+                s.send_buffer = deque()
             s.send_buffer.append(memoryview(data))
             s.send_buffered += len(data)
         if end_stream:
@@ -610,7 +612,7 @@ class Connection:
     def _forget(self, s: _Stream) -> None:
         s.state = S.CLOSED
         s.end_pending = False
-        s.send_buffer.clear()
+        s.send_buffer = None
         s.send_buffered = 0
         if self._streams.pop(s.id, None) is not None:
             self._budget_used -= s.recv_window
