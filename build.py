@@ -8,9 +8,15 @@ The archive holds, at its root:
   click/, qemu/qmp/  the pure-Python runtime dependencies, taken from pinned wheels
   <dist>.dist-info/  their METADATA and license files, nothing else
 
+  _native/<arch>/     cryptography's and cffi's manylinux wheels, stored as they are, for
+                     `vproxy pki` only (see NATIVE below and vproxy/_native.py)
+
 zipapp puts the archive itself first on sys.path, so the vendored packages win over
-whatever the host has installed. `cryptography` is not vendored: native code cannot be
-imported from a zip.
+whatever the host has installed. `cryptography` cannot ride in that path: native code
+cannot be imported from a zip, and cffi's native module is built per Python version. So
+its wheels go in as data (one abi3 cryptography wheel per architecture, one cffi wheel
+per architecture and Python), and vproxy/_native.py unpacks the set that matches the
+running interpreter into a per-user cache on the first `vproxy pki`.
 
 The output is byte-for-byte reproducible for a given source tree, wheel set and zlib:
 entries are sorted, every timestamp is SOURCE_DATE_EPOCH (default 1980-01-01 00:00:00,
@@ -33,6 +39,7 @@ import ast
 import hashlib
 import io
 import os
+import pprint
 import re
 import shutil
 import stat
@@ -64,6 +71,10 @@ class Wheel(NamedTuple):
     filename: str
     sha256: str
     packages: Tuple[str, ...]  # top-level paths taken from the wheel ("qemu/qmp" for the namespace)
+    # only for NATIVE wheels: what `pip download` needs to find them for another machine
+    arch: str = ""             # platform.machine() of the target: x86_64, aarch64
+    abi: str = ""              # abi3, cp39...
+    python: str = ""           # --python-version for pip (3.9.2: cryptography excludes 3.9.0/1)
 
 
 # The runtime dependencies. click 8.1.8 is the last click that supports Python 3.9.
@@ -76,6 +87,47 @@ VENDOR: Tuple[Wheel, ...] = (
     Wheel("tomli", "2.0.1", "tomli-2.0.1-py3-none-any.whl",
           "939de3e7a6161af0c887ef91b7d41a53e7c5a1ca976325f429cb46ea9bc30ecc", ("tomli",)),
 )
+
+
+# `vproxy pki` only: cryptography and cffi for each target, kept whole as data in the
+# archive under _native/<arch>/. cryptography 45.0.7 is the newest release whose abi3
+# manylinux2014 wheels (glibc 2.17+: Debian 11's 2.31 included; OpenSSL bundled) need
+# nothing but cffi; 46+ also wants typing-extensions on Python < 3.11.
+NATIVE_ARCHES = ("x86_64", "aarch64")
+NATIVE_PYTHONS = ("3.9", "3.11", "3.13")   # the system python3 of Debian 11, 12, 13
+NATIVE_PLATFORM = "manylinux2014_%s"
+NATIVE_GLIBC = (2, 17)
+
+_CRYPTOGRAPHY_SHA256 = {
+    "x86_64": "3994c809c17fc570c2af12c9b840d7cea85a9fd3e5c0e0491f4fa3c029216d59",
+    "aarch64": "81823935e2f8d476707e85a78a405953a03ef7b7b4f55f93f7c2d9680e5e0691",
+}
+_CFFI_SHA256 = {
+    ("x86_64", "3.9"): "61d028e90346df14fedc3d1e5441df818d095f3b87d286825dfcbd6459b7ef63",
+    ("x86_64", "3.11"): "8941aaadaf67246224cee8c3803777eed332a19d909b47e29c9842ef1e79ac26",
+    ("x86_64", "3.13"): "c8d3b5532fc71b7a77c09192b4a5a200ea992702734a2e9279a37f2478236f26",
+    ("aarch64", "3.9"): "3f4d46d8b35698056ec29bca21546e1551a205058ae1a181d871e278b0b28165",
+    ("aarch64", "3.11"): "730cacb21e1bdff3ce90babf007d0a0917cc3e6492f336c2f0134101e0944f93",
+    ("aarch64", "3.13"): "d48a880098c96020b02d5a1f7d9251308510ce8858940e6fa99ece33f610838b",
+}
+
+
+def _native_wheels() -> Tuple[Wheel, ...]:
+    out = []
+    for arch in NATIVE_ARCHES:
+        plat = "manylinux2014_{0}.manylinux_2_17_{0}".format(arch)
+        out.append(Wheel("cryptography", "45.0.7",
+                         "cryptography-45.0.7-cp37-abi3-%s.whl" % plat,
+                         _CRYPTOGRAPHY_SHA256[arch], (), arch, "abi3", "3.9.2"))
+        for py in NATIVE_PYTHONS:
+            tag = "cp" + py.replace(".", "")
+            out.append(Wheel("cffi", "2.0.0", "cffi-2.0.0-%s-%s-%s.whl" % (tag, tag, plat),
+                             _CFFI_SHA256[(arch, py)], (), arch, tag, py))
+    return tuple(out)
+
+
+NATIVE: Tuple[Wheel, ...] = _native_wheels()
+NATIVE_DIR = "_native"
 
 # What never goes into the archive from the source tree.
 _SKIP_DIRS = {"__pycache__"}
@@ -141,24 +193,40 @@ def _fetch_with_urllib(wheel: Wheel, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+ALL_WHEELS: Tuple[Wheel, ...] = VENDOR + NATIVE
+
+
+def _pip_download(directory: Path, wheels: List[Wheel], quiet: bool) -> None:
+    """`pip download` the pure wheels in one go, and each native wheel for its target."""
+    base = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+            "--only-binary=:all:", "--no-deps", "-d", str(directory)]
+    if quiet:
+        base.insert(4, "-q")
+    groups: Dict[Tuple[str, str, str], List[Wheel]] = {}
+    for w in wheels:
+        groups.setdefault((w.arch, w.abi, w.python), []).append(w)
+    for (arch, abi, python), group in sorted(groups.items()):
+        cmd = list(base)
+        if arch:
+            cmd += ["--platform", NATIVE_PLATFORM % arch, "--implementation", "cp",
+                    "--python-version", python, "--abi", abi]
+        pins = ["%s==%s" % (w.project, w.version) for w in group]
+        if not quiet:
+            print("build.py: " + " ".join(cmd + pins), file=sys.stderr)
+        if subprocess.run(cmd + pins).returncode != 0:
+            raise BuildError("pip download failed for " + " ".join(pins))
+
+
 def download_wheels(directory: Path, quiet: bool = False) -> None:
     """Put every pinned wheel into `directory` (kept if already there and intact)."""
     directory.mkdir(parents=True, exist_ok=True)
-    missing = [w for w in VENDOR if not _wheel_ok(directory / w.filename, w)]
+    missing = [w for w in ALL_WHEELS if not _wheel_ok(directory / w.filename, w)]
     if not missing:
         return
-    pins = ["%s==%s" % (w.project, w.version) for w in missing]
     have_pip = subprocess.run([sys.executable, "-m", "pip", "--version"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     if have_pip:
-        cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-               "--only-binary=:all:", "--no-deps", "-d", str(directory)] + pins
-        if quiet:
-            cmd.insert(4, "-q")
-        if not quiet:
-            print("build.py: " + " ".join(cmd), file=sys.stderr)
-        if subprocess.run(cmd).returncode != 0:
-            raise BuildError("pip download failed for " + " ".join(pins))
+        _pip_download(directory, missing, quiet)
     else:
         for w in missing:
             if not quiet:
@@ -285,8 +353,28 @@ def content_hash(files: Dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def _native_member(wheel: Wheel) -> str:
+    return "%s/%s/%s" % (NATIVE_DIR, wheel.arch, wheel.filename)
+
+
+def native_sets() -> Dict[str, Dict[str, Tuple[str, Tuple[str, ...]]]]:
+    """{arch: {"3.9": (key, (archive member, ...))}}: what vproxy/_native.py unpacks for
+    each target. The key names the cache directory: a hash of the wheels' SHA-256s."""
+    out: Dict[str, Dict[str, Tuple[str, Tuple[str, ...]]]] = {}
+    for arch in NATIVE_ARCHES:
+        crypto = [w for w in NATIVE if w.arch == arch and w.project == "cryptography"]
+        for py in NATIVE_PYTHONS:
+            cffi = [w for w in NATIVE if w.arch == arch and w.project == "cffi" and w.python == py]
+            members = crypto + cffi
+            key = hashlib.sha256("\n".join(sorted(w.sha256 for w in members)).encode())
+            out.setdefault(arch, {})[py] = (key.hexdigest()[:32],
+                                            tuple(_native_member(w) for w in members))
+    return out
+
+
 def _build_module(version: str, build_hash: str) -> bytes:
     vendored = ", ".join('"%s": "%s"' % (w.project, w.version) for w in VENDOR)
+    native = pprint.pformat(native_sets(), width=96)
     return ('''\
 """Facts about this vproxy.pyz, written by build.py. Not in the source tree: there the
 CLI reports a development build."""
@@ -294,7 +382,11 @@ CLI reports a development build."""
 VERSION = "%s"
 BUILD_HASH = "%s"  # SHA-256 of the archive's contents other than this file
 VENDORED = {%s}
-''' % (version, build_hash, vendored)).encode()
+
+# vproxy pki's cryptography, per platform.machine() and Python: (cache key, wheels)
+NATIVE_GLIBC = %r
+NATIVE = %s
+''' % (version, build_hash, vendored, NATIVE_GLIBC, native)).encode()
 
 
 def collect(top: Path, wheel_dir: Path) -> Dict[str, bytes]:
@@ -307,6 +399,11 @@ def collect(top: Path, wheel_dir: Path) -> Dict[str, bytes]:
             if name in files:
                 raise BuildError("%s is in both %s and %s" % (name, wheel.filename, PACKAGE))
             files[name] = data
+    for wheel in NATIVE:
+        path = wheel_dir / wheel.filename
+        if not _wheel_ok(path, wheel):
+            _wheel_files(path, wheel)  # raises the missing / wrong SHA-256 error
+        files[_native_member(wheel)] = path.read_bytes()
     files["__main__.py"] = MAIN_PY
     build_hash = content_hash(files)
     files[PACKAGE + "/_build.py"] = _build_module(version, build_hash)
@@ -356,8 +453,10 @@ def write_archive(files: Dict[str, bytes], output: Path) -> None:
                 z.writestr(info, b"")
             else:
                 info.external_attr = (stat.S_IFREG | 0o644) << 16
-                info.compress_type = COMPRESSION
-                z.writestr(info, data, compress_type=COMPRESSION, compresslevel=COMPRESSLEVEL)
+                # wheels are zips already: stored, deflating them again gains nothing
+                method = zipfile.ZIP_STORED if name.endswith(".whl") else COMPRESSION
+                info.compress_type = method
+                z.writestr(info, data, compress_type=method, compresslevel=COMPRESSLEVEL)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + output.name + ".", dir=str(output.parent))
     try:
@@ -393,8 +492,9 @@ def _report(result: BuildResult) -> None:
         shown = result.path.relative_to(Path.cwd())
     except ValueError:
         shown = result.path
-    print("%s  %d bytes  sha256 %s  (build %s, %d files)"
-          % (shown, result.size, result.sha256, result.build_hash[:12], result.entries))
+    print("%s  %d bytes (%.1f MiB)  sha256 %s  (build %s, %d files)"
+          % (shown, result.size, result.size / 2**20, result.sha256, result.build_hash[:12],
+             result.entries))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -413,7 +513,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.download_wheels:
             download_wheels(args.download_wheels, quiet=args.quiet)
-            for w in VENDOR:
+            for w in ALL_WHEELS:
                 print(args.download_wheels / w.filename)
             return 0
         wheel_dir = args.wheels

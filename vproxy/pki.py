@@ -85,6 +85,8 @@ class IssuedCert:
 
 def _crypto() -> Any:
     """Import cryptography's pieces, or say clearly what is missing."""
+    from vproxy._native import ensure_cryptography
+    ensure_cryptography()  # in the .pyz: unpacks the bundled wheels on first use
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
