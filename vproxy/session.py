@@ -64,7 +64,7 @@ class Stream:
     def accept(self, info: Optional[Dict[str, str]] = None) -> None:
         self.info = dict(info or {})
         self.session._conn.accept(self.stream_id, self.info)
-        self.session._schedule_flush()
+        self.session._data_queued()  # the opener is waiting for this
 
     def refuse(self, code: int, message: str) -> None:
         self.session._conn.refuse(self.stream_id, code, message)
@@ -340,14 +340,20 @@ class Session(asyncio.Protocol):
         except mux.LocalProtocolError as e:
             raise SessionClosed(e.message) from None
         stream = Stream(self, sid, request, priority)
-        stream._answer = self._loop.create_future()
+        answer = stream._answer = self._loop.create_future()
         self._streams[sid] = stream
-        self._schedule_flush()
+        self._data_queued()
+        # A timer on the answer itself, not wait_for(shield(...)): those cost three
+        # more turns of the event loop between the ACCEPT and this task.
+        timer = None if timeout is None else self._loop.call_later(timeout, _expire, answer)
         try:
-            await asyncio.wait_for(asyncio.shield(stream._answer), timeout)
-        except asyncio.TimeoutError:
+            await answer
+        except _OpenTimedOut:
             stream.reset(ResetCode.CANCEL, "open timed out")
             raise SessionClosed("no answer to the open request within %.0f s" % timeout) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         return stream
 
     async def ping(self, timeout: float = 10.0) -> float:
@@ -561,6 +567,15 @@ class Session(asyncio.Protocol):
         self.closed.set_result(self.close_reason)
         for task in list(self._tasks):
             task.cancel()
+
+
+class _OpenTimedOut(Exception):
+    pass
+
+
+def _expire(answer: "asyncio.Future[None]") -> None:
+    if not answer.done():
+        answer.set_exception(_OpenTimedOut())
 
 
 def _code_name(code: int) -> str:
