@@ -43,6 +43,7 @@ __all__ = [
     "popen_in_root",
     "RootPopen",
     "root_tempdir",
+    "enable_foreign_arch",
 ]
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -120,16 +121,45 @@ def _probe_python(root: Path) -> str:
     return out.stdout.split()[1]
 
 
+_QEMU_NAMES = {"arm64": "aarch64", "armhf": "arm", "riscv64": "riscv64", "ppc64el": "ppc64le",
+               "s390x": "s390x", "i386": "i386"}
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def enable_foreign_arch(arch: str) -> None:
+    """Make the kernel run `arch` binaries through qemu-user (for a foreign root): mount
+    binfmt_misc if needed and enable the qemu-user-static handler. Needs the Debian
+    packages qemu-user-static and binfmt-support; raises RootUnavailable without them."""
+    _require_root()
+    if arch == _host_arch():
+        return
+    qemu = _QEMU_NAMES.get(arch, arch)
+    handler = BINFMT / ("qemu-" + qemu)
+    if handler.is_file() and handler.read_text().startswith("enabled"):
+        return
+    _tool("qemu-%s-static" % qemu)
+    update = _tool("update-binfmts")
+    if not (BINFMT / "register").exists():
+        subprocess.run([_tool("mount"), "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
+                       stderr=subprocess.DEVNULL)
+    subprocess.run([update, "--enable", "qemu-" + qemu], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    if not (handler.is_file() and handler.read_text().startswith("enabled")):
+        raise RootUnavailable("cannot enable the qemu-%s binfmt handler" % qemu)
+
+
 def debian_root(release: str = "bullseye", cache_dir: Optional[PathLike] = None,
                 arch: Optional[str] = None, mirror: Optional[str] = None) -> Path:
     """The cached Debian `release` root for `arch` (default: the host's), made if needed.
 
     `mirror` defaults to ``$VPROXY_DEBIAN_MIRROR`` or deb.debian.org. A foreign `arch`
-    needs qemu-user binfmt handlers set up on the host beforehand.
+    (arm64 on an x86_64 host) runs under qemu-user: `enable_foreign_arch` sets up its
+    binfmt handler, and needs qemu-user-static and binfmt-support installed.
     """
     _require_root()
     arch = arch or _host_arch()
     mirror = mirror or os.environ.get("VPROXY_DEBIAN_MIRROR") or DEFAULT_MIRROR
+    enable_foreign_arch(arch)
     base = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "roots"
     base.mkdir(parents=True, exist_ok=True)
     name = "%s-%s" % (release, arch)
