@@ -43,11 +43,22 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 log = logging.getLogger("vproxy.transport")
 
 READ_SIZE = 256 * 1024  # bytes read from OpenSSL per readiness callback, at most
+_per_thread = threading.local()
+
+
+def _thread_read_view() -> memoryview:
+    """This thread's READ_SIZE read buffer (the transports of one event loop take
+    turns with it; a buffer per thread, since OpenSSL reads release the GIL)."""
+    view = getattr(_per_thread, "read_view", None)
+    if view is None:
+        view = _per_thread.read_view = memoryview(bytearray(READ_SIZE))
+    return view
 RECORD_SIZE = 16 * 1024  # a full TLS record: small writes are joined up to this
 SEND_BLOCK = 256 * 1024  # bytes offered to OpenSSL per SSL_write, at most
 WRITE_HIGH_WATER = 256 * 1024
@@ -233,8 +244,9 @@ class TlsTransport(asyncio.Transport):
         self._fd = sock.fileno()
         self._ssl_read, self._ssl_write = _ssl_io(sock)
         self._protocol = protocol
-        self._read_buffer = bytearray(READ_SIZE)
-        self._read_view = memoryview(self._read_buffer)
+        # one read buffer per thread, shared by its transports: _receive copies what it
+        # read out before delivering it, so 256 KiB per idle session would be waste
+        self._read_view = _thread_read_view()
         # Unsent data: blocks of bytes (or memoryviews of bytes), and the one block
         # OpenSSL was last offered and did not take: it must be offered again as is.
         self._queue: Deque[Union[bytes, memoryview]] = collections.deque()

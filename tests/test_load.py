@@ -1,0 +1,182 @@
+"""Load (issue 5, point 4) against the real agent process over real mutual TLS on
+loopback, bounded in count and time:
+
+- 1,000 concurrent client sessions, each opening an echo stream and exchanging a few
+  bytes while all 1,000 are open; the agent's RSS is measured and printed;
+- 10,000 concurrent streams on one session (echo, a few bytes each), then the stream
+  limit: the agent's max_streams (mux.Config.max_streams, 16384; neither the command
+  line nor the config file sets it) refuses the next open with TOO_MANY_STREAMS and a
+  clear message, and the session lives on.
+"""
+
+import asyncio
+import os
+import time
+
+from agenttools import AgentProcess
+from vproxy import mux
+from vproxy.client import connect
+from vproxy.errors import ChannelRefused
+from vproxy.mux import RefuseCode
+
+CLIENTS = 1000
+STREAMS = 10000
+WAVE = 1000
+
+
+def rss_kib(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def connect_as(pki, address):
+    return connect(address, pki.alice.cert, pki.alice.key, pki.ca, server_name="localhost")
+
+
+def test_1000_concurrent_tls_clients_each_with_an_echo_stream(pki, tmp_path):
+    with AgentProcess(pki, tmp_path, [], []) as agent:
+        pid = agent.proc.pid
+        rss_idle = rss_kib(pid)
+
+        async def main():
+            gate = asyncio.Semaphore(64)  # handshakes in flight (the agent drops one after 5 s)
+            clients = []
+            failures = []
+
+            async def one(i):
+                async with gate:
+                    client = await connect_as(pki, agent.address)
+                clients.append(client)
+                return client
+
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(one(i) for i in range(CLIENTS)), return_exceptions=True)
+            connected = time.monotonic() - t0
+            failures = [r for r in results if isinstance(r, BaseException)]
+            assert not failures, "%d of %d connects failed, first: %r" % (len(failures), CLIENTS, failures[0])
+            assert len(clients) == CLIENTS
+            assert all(not c.session.closed.done() for c in clients)
+            rss_connected = rss_kib(pid)
+            open_fds = fds(pid)
+
+            async def exchange(i, client):
+                stream = await client.open("", "echo", "rw")
+                msg = b"client %d says hi" % i
+                await stream.write(msg)
+                got = b""
+                while len(got) < len(msg):
+                    chunk = await asyncio.wait_for(stream.read(), 30)
+                    assert chunk, "EOF on client %d" % i
+                    got += chunk
+                assert got == msg
+                return stream
+
+            t1 = time.monotonic()
+            streams = await asyncio.gather(*(exchange(i, c) for i, c in enumerate(clients)),
+                                           return_exceptions=True)
+            exchanged = time.monotonic() - t1
+            bad = [s for s in streams if isinstance(s, BaseException)]
+            assert not bad, "%d exchanges failed, first: %r" % (len(bad), bad[0])
+            rss_streams = rss_kib(pid)
+            # every session is still there, each with its stream open
+            assert all(not c.session.closed.done() for c in clients)
+            for s in streams:
+                await s.close()
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+            return connected, exchanged, rss_connected, rss_streams, open_fds
+
+        connected, exchanged, rss_connected, rss_streams, open_fds = asyncio.run(asyncio.wait_for(main(), 120))
+        time.sleep(1.0)
+        assert agent.proc.poll() is None
+        rss_after = rss_kib(pid)
+        fds_after = fds(pid)
+        print("\n%d TLS sessions: connected in %.1f s, echo on each in %.1f s; agent RSS idle %d KiB, "
+              "%d sessions %d KiB (%.1f KiB/session), with streams %d KiB, after close %d KiB; fds %d -> %d"
+              % (CLIENTS, connected, exchanged, rss_idle, CLIENTS, rss_connected,
+                 (rss_connected - rss_idle) / CLIENTS, rss_streams, rss_after, open_fds, fds_after))
+        assert open_fds >= CLIENTS  # they really were concurrent: one socket each
+        assert fds_after < 50, "the agent kept %d fds after every client left" % fds_after
+        assert rss_streams < 200 * 1024, "agent RSS %d KiB for %d sessions" % (rss_streams, CLIENTS)
+
+
+def test_10000_streams_on_one_session_and_the_stream_limit(pki, tmp_path):
+    limit = mux.Config().max_streams  # what the agent runs with: nothing sets it otherwise
+    with AgentProcess(pki, tmp_path, [], []) as agent:
+        pid = agent.proc.pid
+        rss_idle = rss_kib(pid)
+
+        async def main():
+            client = await connect_as(pki, agent.address)
+            streams = []
+            t0 = time.monotonic()
+
+            async def one(i):
+                stream = await client.open("", "echo", "rw")
+                msg = b"%d" % i
+                await stream.write(msg)
+                got = b""
+                while len(got) < len(msg):
+                    chunk = await asyncio.wait_for(stream.read(), 30)
+                    assert chunk
+                    got += chunk
+                assert got == msg
+                return stream
+
+            for base in range(0, STREAMS, WAVE):  # opened in waves; all stay open
+                wave = await asyncio.gather(*(one(i) for i in range(base, base + WAVE)),
+                                            return_exceptions=True)
+                bad = [s for s in wave if isinstance(s, BaseException)]
+                assert not bad, "wave %d: %d failed, first: %r" % (base, len(bad), bad[0])
+                streams += wave
+            elapsed = time.monotonic() - t0
+            assert len(streams) == STREAMS and client.session.stream_count >= STREAMS
+            rss_streams = rss_kib(pid)
+
+            # up to the limit: cheap opens without data, then one more is refused
+            extra = []
+            while len(streams) + len(extra) < limit:
+                n = min(WAVE, limit - len(streams) - len(extra))
+                extra += await asyncio.gather(*(client.open("", "echo", "rw") for _ in range(n)))
+            try:
+                await client.open("", "echo", "rw")
+            except ChannelRefused as e:
+                refusal = e
+            else:
+                raise AssertionError("stream %d beyond max_streams=%d was accepted" % (limit + 1, limit))
+            assert refusal.code == RefuseCode.TOO_MANY_STREAMS
+            assert "too many streams: at most %d per session" % limit in refusal.message
+            # the session lives on and the streams still work
+            assert not client.session.closed.done()
+            await streams[0].write(b"x")
+            assert await asyncio.wait_for(streams[0].read(), 10) == b"x"
+            rss_limit = rss_kib(pid)
+            for s in streams + extra:
+                s.reset()
+            # once some are gone, opening works again
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    again = await client.open("", "echo", "rw")
+                    break
+                except ChannelRefused as e:
+                    assert e.code == RefuseCode.TOO_MANY_STREAMS and time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+            await again.write(b"ok")
+            assert await asyncio.wait_for(again.read(), 10) == b"ok"
+            await client.close()
+            return elapsed, rss_streams, rss_limit
+
+        elapsed, rss_streams, rss_limit = asyncio.run(asyncio.wait_for(main(), 150))
+        time.sleep(0.5)
+        assert agent.proc.poll() is None
+        print("\n%d echo streams on one session in %.1f s; agent RSS idle %d KiB, %d streams %d KiB "
+              "(%.2f KiB/stream), at the limit of %d %d KiB, after %d KiB"
+              % (STREAMS, elapsed, rss_idle, STREAMS, rss_streams, (rss_streams - rss_idle) / STREAMS,
+                 limit, rss_limit, rss_kib(pid)))
