@@ -34,6 +34,11 @@ and once:
   15 runs each; dist/vproxy.pyz is built into the temporary directory with build.py
   when it is missing).
 
+The CPU rows add up the CPU time of every process on the path (this one, the
+forwarders with what they fork, the target, the agent): on a machine shared with
+other work, wall-clock figures mostly say how much CPU each path got (a path with
+four processes gets more than one with two), CPU per MB says what it costs.
+
 Prints a table and asserts nothing: compare figures within one run only (a shared
 machine's load moves them all). With --rounds N every path is measured N times,
 taking turns, and the table shows the median of the rounds.
@@ -150,6 +155,41 @@ def vmrss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS for pid %d" % pid)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and every process below it (the
+    peers and whatever they forked, such as sshd's per-connection child)."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    me = os.getpid()
+    total = 0
+    for pid, (ppid, ticks) in stats.items():
+        seen = set()
+        while pid not in seen and pid in stats:
+            seen.add(pid)
+            if pid == me:
+                total += ticks
+                break
+            pid = stats[pid][0]
+    return total / CLOCK_TICKS
+
+
+def with_cpu(fn: Callable, *args):
+    """(fn(*args), CPU seconds that all our processes used meanwhile, wall seconds)."""
+    before, start = tree_cpu(), time.perf_counter()
+    result = fn(*args)
+    return result, tree_cpu() - before, time.perf_counter() - start
 
 
 def summary(samples: List[float]) -> Dict[str, float]:
@@ -403,10 +443,13 @@ def tcp_concurrent(port: int, count: int, size: int = 16 * 1024) -> Dict[str, fl
 
 
 def measure_socket_path(port: int, seconds: float) -> Dict[str, object]:
+    up, up_cpu, up_wall = with_cpu(tcp_upload, port, seconds)
+    down, down_cpu, down_wall = with_cpu(tcp_download, port, seconds)
+    rtt, rtt_cpu, _ = with_cpu(tcp_round_trips, port, min(seconds, 2.0))
     return {
-        "upload_mbps": tcp_upload(port, seconds),
-        "download_mbps": tcp_download(port, seconds),
-        "rtt": summary(tcp_round_trips(port, min(seconds, 2.0))),
+        "upload_mbps": up, "upload_mb_per_cpu_s": up * up_wall / max(up_cpu, 0.01),
+        "download_mbps": down, "download_mb_per_cpu_s": down * down_wall / max(down_cpu, 0.01),
+        "rtt": dict(summary(rtt), cpu_us=rtt_cpu / len(rtt) * 1e6),
         "first_byte": summary(tcp_first_byte(port, TTFB_COUNT)),
         "rtt_under_load": summary(tcp_under_load(port, min(seconds, 2.0))),
     }
@@ -427,9 +470,15 @@ async def vproxy_measure(agent, pki, seconds: float) -> Dict[str, object]:
 
     client = await vproxy_connect(agent, pki)
     try:
+        marks = [(tree_cpu(), time.perf_counter())]
         up = await benchmark.upload(client, seconds)
+        marks.append((tree_cpu(), time.perf_counter()))
         down = await benchmark.download(client, seconds)
+        marks.append((tree_cpu(), time.perf_counter()))
         rtt = await benchmark.round_trips(client, min(seconds, 2.0), MAX_SAMPLES)
+        marks.append((tree_cpu(), time.perf_counter()))
+        (up_cpu, up_wall), (down_cpu, down_wall), (rtt_cpu, _) = (
+            (b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:]))
         first = []
         for _ in range(TTFB_COUNT):
             t0 = time.perf_counter()
@@ -452,7 +501,9 @@ async def vproxy_measure(agent, pki, seconds: float) -> Dict[str, object]:
         source.reset()
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
-        return {"upload_mbps": up, "download_mbps": down, "rtt": summary(rtt),
+        return {"upload_mbps": up, "upload_mb_per_cpu_s": up * up_wall / max(up_cpu, 0.01),
+                "download_mbps": down, "download_mb_per_cpu_s": down * down_wall / max(down_cpu, 0.01),
+                "rtt": dict(summary(rtt), cpu_us=rtt_cpu / len(rtt) * 1e6),
                 "first_byte": summary(first), "rtt_under_load": summary(loaded)}
     finally:
         await client.close()
@@ -535,6 +586,9 @@ ROWS = [
     ("first byte, new stream p99 us", "first_byte", "p99_us", "%.0f"),
     ("RTT beside a download p50 us", "rtt_under_load", "p50_us", "%.0f"),
     ("RTT beside a download p99 us", "rtt_under_load", "p99_us", "%.0f"),
+    ("upload MB per CPU-second", "upload_mb_per_cpu_s", None, "%.0f"),
+    ("download MB per CPU-second", "download_mb_per_cpu_s", None, "%.0f"),
+    ("CPU us per 1-byte round trip", "rtt", "cpu_us", "%.0f"),
 ]
 
 
