@@ -161,3 +161,45 @@ def test_tls_garbage_and_plaintext_are_dropped(pki):
         await still_serving(pki, agent)
         await agent.shutdown()
     run(main())
+
+
+def test_a_peer_that_never_reads_is_cut_off_and_others_are_served(pki):
+    """A client floods PINGs and never reads: the answers it owes are capped, then the
+    agent ends that session (OVERLOADED) instead of buffering without bound."""
+    async def main():
+        agent = await start_agent(pki, max_control_backlog=2000)
+        host, port = agent.addresses[0].rsplit(":", 1)
+        context = pki.client_context(pki.alice)
+        pings = fr.encode_ping(b"\0" * 8) * 1000
+        loop = asyncio.get_running_loop()
+        held = []
+        stop = []
+
+        def flood():  # blocking, so in a thread: the agent runs on this loop
+            sock = socket.create_connection((host, int(port)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and we never read
+            tls_sock = context.wrap_socket(sock, server_hostname="localhost")
+            held.append(tls_sock)
+            for _ in range(2000):  # at most ~34 MB
+                if stop:
+                    return
+                try:
+                    tls_sock.sendall(pings)
+                except (OSError, ssl.SSLError):
+                    return  # the agent hung up
+
+        flooding = loop.run_in_executor(None, flood)
+        while not held:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        for _ in range(200):
+            if not agent.sessions:
+                break
+            await asyncio.sleep(0.1)
+        stop.append(True)
+        assert not agent.sessions, "the agent kept the session and buffered its answers"
+        await flooding
+        held[0].close()
+        await still_serving(pki, agent)
+        await agent.shutdown()
+    run(main())

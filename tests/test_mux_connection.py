@@ -309,3 +309,12 @@ class SessionModel(RuleBasedStateMachine):
 
 TestSessionModel = SessionModel.TestCase
 TestSessionModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_peer_that_sends_pings_and_never_reads_the_answers_is_cut_off():
+    server = mux.Connection(client=False, config=mux.Config(max_control_backlog=1000))
+    pings = fr.encode_ping(b"\0" * 8) * 600
+    assert server.receive_data(pings, 0.0) == []  # 600 answers queued: fine
+    (event,) = server.receive_data(pings, 0.0)  # 1200: more than it may owe
+    assert isinstance(event, mux.ConnectionTerminated) and event.code == mux.ErrorCode.OVERLOADED
+    assert "does not read" in event.message

@@ -35,6 +35,7 @@ class Config:
     keepalive_interval: float = 5.0  # ping after this long without hearing the peer
     keepalive_timeout: float = 10.0  # declare the peer dead after this long
     initial_rtt: float = 0.05  # assumed until the first ping answer
+    max_control_backlog: int = 100000  # answers queued for a peer that does not read
     # A stream's window doubles while it holds less than two round trips of what its
     # reader takes: the bandwidth-delay product, twice. The round trip is the base
     # one (the shortest a ping took), never less than window_rtt_floor; the reader's
@@ -438,6 +439,10 @@ class Connection:
                 run = []
             if error is not None:
                 raise error
+            if len(self._control) > self.config.max_control_backlog:
+                raise RemoteProtocolError(
+                    "%d answers queued: the peer sends requests and does not read the answers"
+                    % len(self._control), ErrorCode.OVERLOADED)
         except RemoteProtocolError as e:
             if run:  # the frames before the fault were good
                 out.append(ev.DataReceived(run_id, _join(run)))

@@ -24,6 +24,7 @@ class ErrorCode(IntEnum):
     KEEPALIVE_TIMEOUT = 5  # the peer stopped answering pings
     INTERNAL_ERROR = 6  # a bug on the sender's side
     SHUTDOWN = 7  # the agent is going down (after drain)
+    OVERLOADED = 8  # the peer sends requests (PING, OPEN) and does not read the answers
 
 
 class RefuseCode(IntEnum):
