@@ -203,3 +203,28 @@ def test_a_peer_that_never_reads_is_cut_off_and_others_are_served(pki):
         await still_serving(pki, agent)
         await agent.shutdown()
     run(main())
+
+
+def test_sessions_beyond_the_limit_are_refused_with_a_reason(pki):
+    async def main():
+        config = AgentConfig(listen_port=0, cert=pki.server.cert, key=pki.server.key, ca=pki.ca,
+                             crl=pki.crl, max_sessions=2)
+        agent = Agent(config)
+        await agent.start()
+        address = agent.addresses[0]
+        first = await connect(address, pki.alice.cert, pki.alice.key, pki.ca, server_name="localhost")
+        second = await connect(address, pki.bob.cert, pki.bob.key, pki.ca, server_name="localhost")
+        from vproxy.errors import UserError
+        with pytest.raises(UserError) as info:
+            await connect(address, pki.alice.cert, pki.alice.key, pki.ca, server_name="localhost")
+        assert "too many sessions: this agent serves at most 2 at once" in info.value.message
+        await first.close()
+        for _ in range(50):
+            if len(agent.sessions) < 2:
+                break
+            await asyncio.sleep(0.05)
+        third = await connect(address, pki.alice.cert, pki.alice.key, pki.ca, server_name="localhost")
+        await third.close()
+        await second.close()
+        await agent.shutdown()
+    run(main())

@@ -42,6 +42,7 @@ class AgentConfig:
     local_socket: Optional[str] = None  # also listen here, clients known by uid (localmode)
     drain_timeout: float = 10.0  # on shutdown: how long open streams may finish
     metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
+    max_sessions: int = 4096  # more concurrent sessions are ended at once with a reason
 
 
 class AgentSession(Session):
@@ -66,6 +67,14 @@ class AgentSession(Session):
             transport.abort()
             return
         self.name = "session %s from %s" % (self.peer_identity, self.peer_label(peer))
+        limit = self.agent.config.max_sessions
+        if len(self.agent.sessions) >= limit:
+            super().connection_made(transport)
+            message = "too many sessions: this agent serves at most %d at once" % limit
+            log.warning("%s: refused: %s", self.name, message)
+            self._conn.goaway(mux.ErrorCode.OVERLOADED, message)
+            self.close(message)
+            return
         log.info("%s: connected", self.name)
         self.agent.sessions.add(self)
         self.closed.add_done_callback(lambda _: self._gone())

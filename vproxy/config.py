@@ -30,7 +30,7 @@ from .errors import UserError
 KEYS = {
     "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
     "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
-    "console_log_dir": str, "vm": list, "allow": list, "local_socket": str,
+    "console_log_dir": str, "max_sessions": int, "max_streams": int, "vm": list, "allow": list, "local_socket": str,
     "drain_timeout": (int, float), "metrics": str, "log_format": str,
 }
 
@@ -84,8 +84,9 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
             raise UserError("%s: must be a table" % where)
         rules.append(rule_from_dict(rule, where))
     out.acl = Acl(rules)
-    if out.settings.get("console_ring", 1) <= 0:
-        raise UserError("%s: console_ring must be positive" % path)
+    for key in ("console_ring", "max_sessions", "max_streams"):
+        if out.settings.get(key, 1) <= 0:
+            raise UserError("%s: %s must be positive" % (path, key))
     if out.settings.get("drain_timeout", 0) < 0:
         raise UserError("%s: drain_timeout must not be negative" % path)
     if out.settings.get("log_format", "text") not in ("text", "json"):

@@ -141,6 +141,8 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         vms=vm_list, vm_dir=vm_dir or settings.get("vm_dir"),
         console_ring=console_ring or settings.get("console_ring", 1 << 20),
         console_log_dir=console_log_dir or settings.get("console_log_dir"),
+        max_sessions=settings.get("max_sessions", 4096),
+        mux_config=mux_config(settings),
         local_socket=local_socket, **paths)
     reloader = make_reloader(config_path, cli_tls, allow, vms, drain_timeout, bool(paths["cert"]),
                              dict(settings), overridden)
@@ -195,6 +197,15 @@ def bench(host: str, seconds: float, streams: int, as_json: bool, **tls_args) ->
 
     code = run_async(run_bench(resolve_client(host, tls_args), seconds, streams, as_json))
     sys.exit(code)
+
+
+def mux_config(settings):
+    """The session limits the config file may set (max_streams), or the defaults."""
+    if "max_streams" not in settings:
+        return None
+    from ..mux import Config
+
+    return Config(max_streams=settings["max_streams"])
 
 
 def _add_optional_commands() -> None:
