@@ -23,6 +23,7 @@ say() { printf 'test.sh: %s\n' "$*" >&2; }
 PACKAGES=(
     qemu-system-x86 qemu-utils        # real VMs for the QEMU channel tests
     debootstrap debian-archive-keyring  # the Debian 11 "bare host" root
+    qemu-user-static binfmt-support   # the arm64 Debian 11 root, run through qemu-user
     mandoc                            # man page lint
     busybox-static cpio               # the Linux test guest's initramfs
     stunnel4 openssh-server openssh-client  # the baselines bench/ compares against

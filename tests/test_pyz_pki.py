@@ -10,7 +10,9 @@ What these tests prove:
 - a machine or Python with no set gets one clear line, no traceback;
 - in the Debian 11 (3.9) and Debian 13 (3.13) roots with python3 and nothing else, the
   same four commands work, and the certificates they made carry a real `vproxy bench`
-  between an agent inside and a client on the host.
+  between an agent inside and a client on the host;
+- in a Debian 11 arm64 root (qemu-user), `--version` and `pki init` / `pki issue` work
+  with the aarch64 set.
 """
 
 import os
@@ -190,3 +192,43 @@ def test_pki_in_bare_root_then_bench(root):
                 universal_newlines=True, timeout=BENCH_TIMEOUT, env=host_env())
             result = check_bench(out, a)
             print("%s: bench with certificates made inside: %s" % (root.name, result))
+
+
+# ---------------------------------------------------------------------------------------
+# aarch64: a Debian 11 arm64 root run through qemu-user
+
+
+@pytest.fixture(scope="module")
+def arm64_root() -> Path:
+    try:
+        return debian_root("bullseye", arch="arm64")
+    except RootUnavailable as e:
+        pytest.skip("no Debian 11 arm64 root: %s" % e)
+
+
+def test_arm64_debian11_version_and_pki(arm64_root):
+    """The same .pyz on aarch64 Python 3.9 (under qemu-user: slow, so just --version, then
+    pki init, which unpacks the aarch64 set, and issue)."""
+    root = arm64_root
+    with root_tempdir(root) as d:
+        pyz = d.put(session_pyz())
+        env = dict(ROOT_ENV, XDG_CACHE_HOME=d.path("cache"))
+
+        def run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+            t = time.monotonic()
+            out = run_in_root(root, argv, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+            print("arm64: %s: %.1f s" % (" ".join(argv[2:4]), time.monotonic() - t))
+            assert out.returncode == 0, (argv, out.stdout, out.stderr)
+            return out
+
+        arch = run_in_root(root, ["python3", "-c", "import platform; print(platform.machine())"],
+                           env=env, stdout=subprocess.PIPE, universal_newlines=True, timeout=300)
+        assert arch.stdout.strip() == "aarch64", arch.stdout
+        out = run(["python3", pyz, "--version"])
+        assert "vproxy " in out.stdout + out.stderr and "Python 3.9." in out.stdout + out.stderr
+        run(["python3", pyz, "pki", "init", "--dir", d.path("pki")])
+        run(["python3", pyz, "pki", "issue", "client", "alice", "--dir", d.path("pki")])
+        dirs = unpacked(d.host / "cache")
+        assert len(dirs) == 1 and list(dirs[0].glob("_cffi_backend.cpython-39-aarch64-*.so")), dirs
+        assert (d.host / "pki" / "issued" / "alice.pem").read_text().startswith("-----BEGIN")
