@@ -27,6 +27,7 @@ GATHER_BELOW = 16 * 1024
 GATHER_MAX = 64 * 1024
 RTT_PROBES = (0.02, 0.1, 1.0, 10.0)  # seconds from the start, then between pings that
                                      # measure the base round trip
+READ_BUFFER = 256 * 1024  # what the transport may read into the session at once
 MAX_NOTICES = 256  # notices kept per stream for a reader that does not ask for them
 
 
@@ -256,8 +257,11 @@ class _Event:
                 waiters.remove(fut)
 
 
-class Session(asyncio.Protocol):
+class Session(asyncio.BufferedProtocol):
     """One vproxy/1 session over one transport.
+
+    A BufferedProtocol: the transport reads into the session's buffer and the core
+    copies each stream's data out of it once (data_received() works too).
 
     client: True on the side that connected (odd stream ids).
     on_open: coroutine run for each stream the peer opens; it must accept() or
@@ -272,6 +276,7 @@ class Session(asyncio.Protocol):
         name: str = "session",
     ):
         self._conn = mux.Connection(client, config)
+        self._read_view = memoryview(bytearray(READ_BUFFER))
         self._on_open = on_open
         self.name = name
         self.transport: Optional[asyncio.Transport] = None
@@ -298,6 +303,14 @@ class Session(asyncio.Protocol):
         self._loop.call_later(RTT_PROBES[0], self._probe_rtt, RTT_PROBES[1:])
         if not self.ready.done():
             self.ready.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The core keeps nothing that points into the buffer (it copies out a
+        # frame cut between two reads), so the next read may overwrite it.
+        self.data_received(self._read_view[:nbytes])  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         events = self._conn.receive_data(data, self._loop.time())

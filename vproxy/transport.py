@@ -425,11 +425,24 @@ class TlsTransport(asyncio.Transport):
     # -- receiving --------------------------------------------------------------------
 
     def _receive(self) -> None:
-        """Read what OpenSSL has, up to READ_SIZE, and hand it to the protocol."""
+        """Read what OpenSSL has, up to READ_SIZE, and hand it to the protocol.
+
+        An asyncio.BufferedProtocol gets it in the buffer it gives (get_buffer(),
+        buffer_updated()): no copy here and no new bytes object per read."""
         sock = self._sock
         assert sock is not None
         read = self._ssl_read
-        view = self._read_view
+        buffered = isinstance(self._protocol, asyncio.BufferedProtocol)
+        if buffered:
+            try:
+                view = memoryview(self._protocol.get_buffer(READ_SIZE))  # type: ignore[attr-defined]
+                if not len(view):
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+            except Exception as exc:
+                self._fatal(exc, "protocol.get_buffer() failed")
+                return
+        else:
+            view = self._read_view
         size = len(view)
         filled = 0
         error: Optional[BaseException] = None
@@ -452,7 +465,13 @@ class TlsTransport(asyncio.Transport):
                 break
             filled += n
         if filled and not self._closing:
-            self._deliver(bytes(view[:filled]))
+            if buffered:
+                try:
+                    self._protocol.buffer_updated(filled)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    self._fatal(exc, "protocol.buffer_updated() failed")
+            else:
+                self._deliver(bytes(view[:filled]))
         if self._sock is None:  # the protocol aborted
             return
         if error is not None:
