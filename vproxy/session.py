@@ -9,6 +9,7 @@ much bulk data.
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
@@ -215,6 +216,17 @@ class Stream:
 
 OpenHandler = Callable[[Stream], Awaitable[None]]
 
+_per_thread = threading.local()
+
+
+def _thread_read_view() -> memoryview:
+    """This thread's READ_BUFFER bytes that transports read into: one per thread, not
+    one per session (a thousand idle sessions would hold 256 MiB)."""
+    view = getattr(_per_thread, "read_view", None)
+    if view is None:
+        view = _per_thread.read_view = memoryview(bytearray(READ_BUFFER))
+    return view
+
 
 class _Event:
     """asyncio.Event's behaviour without its deque of waiters: about 100 bytes where
@@ -276,7 +288,6 @@ class Session(asyncio.BufferedProtocol):
         name: str = "session",
     ):
         self._conn = mux.Connection(client, config)
-        self._read_view = memoryview(bytearray(READ_BUFFER))
         self._on_open = on_open
         self.name = name
         self.transport: Optional[asyncio.Transport] = None
@@ -305,12 +316,14 @@ class Session(asyncio.BufferedProtocol):
             self.ready.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._read_view
+        return _thread_read_view()
 
     def buffer_updated(self, nbytes: int) -> None:
         # The core keeps nothing that points into the buffer (it copies out a
-        # frame cut between two reads), so the next read may overwrite it.
-        self.data_received(self._read_view[:nbytes])  # type: ignore[arg-type]
+        # frame cut between two reads), so the next read may overwrite it, and
+        # the sessions of one thread can share it (transports call get_buffer()
+        # and buffer_updated() back to back).
+        self.data_received(_thread_read_view()[:nbytes])  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         events = self._conn.receive_data(data, self._loop.time())
