@@ -337,6 +337,10 @@ if sys.version_info < (3, 9):
                      % sys.version_info[:2])
     sys.exit(1)
 
+from vproxy._version import answer_version_fast
+
+answer_version_fast()  # before click is imported: start-up time
+
 from vproxy.cli import entry  # vproxy's error handling: one line, never a traceback
 
 entry()

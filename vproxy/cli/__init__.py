@@ -14,13 +14,9 @@ from .common import EXIT_INTERRUPTED, client_config, resolve_client, resolve_tls
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import version_line
 
-    try:
-        from .._build import BUILD_HASH  # written into the .pyz by build.py
-    except ImportError:
-        BUILD_HASH = "dev"
-    return "vproxy %s (build %s, Python %s)" % (__version__, BUILD_HASH[:12], sys.version.split()[0])
+    return version_line()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
