@@ -110,6 +110,10 @@ IMPORT_ALL = r"""
 import importlib, pkgutil, sys
 sys.path.insert(0, sys.argv[1])
 import vproxy, qemu.qmp, click
+
+# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
+# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
+pytestmark = pytest.mark.timeout(1200)
 failed = []
 names = [m.name for m in pkgutil.walk_packages(vproxy.__path__, "vproxy.")
          if not m.name.endswith(".__main__")]  # that one runs the CLI

@@ -117,6 +117,10 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from vproxy import _native
 from vproxy.errors import UserError
+
+# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
+# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
+pytestmark = pytest.mark.timeout(1200)
 _native.target = lambda: ("riscv64", "3.12")
 try:
     _native.ensure_cryptography()
@@ -206,6 +210,7 @@ def arm64_root() -> Path:
         pytest.skip("no Debian 11 arm64 root: %s" % e)
 
 
+@pytest.mark.timeout(3000)
 def test_arm64_debian11_version_and_pki(arm64_root):
     """The same .pyz on aarch64 Python 3.9 (under qemu-user: slow, so just --version, then
     pki init, which unpacks the aarch64 set, and issue)."""
