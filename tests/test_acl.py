@@ -85,3 +85,14 @@ def test_config_errors_name_the_key(data, needle):
     with pytest.raises(UserError) as info:
         parse_agent_config(data, "agent.toml")
     assert needle in info.value.message and info.value.message.startswith("agent.toml")
+
+
+def test_hotplug_and_force_need_their_own_grant():
+    acl = Acl([Rule(("dev",), ("*",), ("channel", "console"), ("rw",))])
+    assert acl.allows(who("dev"), req("vm1", "channel:org.example.x", "rw"))
+    with pytest.raises(ChannelRefused) as info:
+        acl.check(who("dev"), req("vm1", "channel:org.example.x", "hotplug"))
+    assert info.value.message.endswith("mode hotplug is not granted (only ro, rw)")
+    with pytest.raises(ChannelRefused) as info:
+        acl.check(who("dev"), req("vm1", "console", "force"))
+    assert "mode force is not granted" in info.value.message
