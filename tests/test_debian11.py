@@ -31,6 +31,10 @@ from typing import Iterator, List, NamedTuple, Sequence
 
 import pytest
 
+# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
+# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
+pytestmark = pytest.mark.timeout(1200)
+
 from debian_root import RootDir, RootUnavailable, debian_root, popen_in_root, root_tempdir, \
     run_in_root
 from pkitools import pki  # noqa: F401  (a fixture)
@@ -111,9 +115,6 @@ import importlib, pkgutil, sys
 sys.path.insert(0, sys.argv[1])
 import vproxy, qemu.qmp, click
 
-# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
-# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
-pytestmark = pytest.mark.timeout(1200)
 failed = []
 names = [m.name for m in pkgutil.walk_packages(vproxy.__path__, "vproxy.")
          if not m.name.endswith(".__main__")]  # that one runs the CLI

@@ -26,6 +26,10 @@ from typing import Dict, List, Sequence
 
 import pytest
 
+# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
+# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
+pytestmark = pytest.mark.timeout(1200)
+
 from debian_root import ROOT_ENV, RootUnavailable, debian_root, popen_in_root, root_tempdir, \
     run_in_root
 from pyztools import session_pyz
@@ -118,9 +122,6 @@ sys.path.insert(0, sys.argv[1])
 from vproxy import _native
 from vproxy.errors import UserError
 
-# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
-# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
-pytestmark = pytest.mark.timeout(1200)
 _native.target = lambda: ("riscv64", "3.12")
 try:
     _native.ensure_cryptography()
