@@ -318,28 +318,33 @@ def _peer(writer: asyncio.StreamWriter) -> str:
     return "a local socket"
 
 
-def _unix_listener(path: str) -> socket.socket:
-    """A listening unix socket at `path`, mode 0600; a stale socket file is replaced,
-    a live one (something answers) or any other file is an error."""
+def clear_stale_socket(path: str, label: str, busy: str, hint: str) -> None:
+    """Make way for a listening unix socket at `path`: a stale socket file (nobody
+    answers) is removed; a live one, or any other file, is a UserError starting `label`."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        pass
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UserError("%s: the file exists and is not a socket" % label)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: nobody listens
+    except OSError as e:
+        raise UserError("%s: %s" % (label, e.strerror)) from None
     else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UserError("cannot listen on unix:%s: the file exists and is not a socket" % path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: nobody listens
-        except OSError as e:
-            raise UserError("cannot listen on unix:%s: %s" % (path, e.strerror)) from None
-        else:
-            raise UserError("cannot listen on unix:%s: something else listens there" % path,
-                            hint="stop it, or pick another path")
-        finally:
-            probe.close()
+        raise UserError("%s: %s" % (label, busy), hint=hint)
+    finally:
+        probe.close()
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600; a stale socket file is replaced,
+    a live one (something answers) or any other file is an error."""
+    clear_stale_socket(path, "cannot listen on unix:%s" % path, "something else listens there",
+                       "stop it, or pick another path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket file is born 0600: no window where others connect
     try:

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -139,25 +138,10 @@ async def start_local_server(agent: Any, path: str) -> LocalServer:
 
 
 def _bind(path: str) -> socket.socket:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UserError("local socket %s: the file exists and is not a socket" % path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: nobody listens
-        except OSError as e:
-            raise UserError("local socket %s: %s" % (path, e.strerror)) from None
-        else:
-            raise UserError("local socket %s: another agent listens there" % path,
-                            hint="stop it, or give another --local-socket path")
-        finally:
-            probe.close()
+    from .forward import clear_stale_socket
+
+    clear_stale_socket(path, "local socket %s" % path, "another agent listens there",
+                       "stop it, or give another --local-socket path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
