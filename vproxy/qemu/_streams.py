@@ -73,3 +73,22 @@ async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> None:
         if not data:
             return
         await stream.write(data)
+
+
+class GoneOnQemuExit:
+    """For channels that copy between a stream and a QEMU socket with tasks: when QEMU
+    goes away, reset the stream (CHANNEL_GONE, with the reason) and stop the copying.
+    Subclasses set _stream, _gone_reason and _tasks in __init__."""
+
+    _stream: Any
+    _gone_reason: str
+    _tasks: list
+
+    def gone(self, reason: str) -> None:
+        if self._gone_reason:
+            return
+        self._gone_reason = reason
+        if self._stream is not None:
+            safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
+        for t in self._tasks:
+            t.cancel()

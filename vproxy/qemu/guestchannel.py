@@ -32,7 +32,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import chardev
-from ._streams import (CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, refuse, safe_close,
+from ._streams import (CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, refuse, safe_close,
                        safe_notify, safe_reset)
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
@@ -206,7 +206,7 @@ class GuestChannels(MonitorOwner):
         return out
 
 
-class GuestChannel:
+class GuestChannel(GoneOnQemuExit):
     """One client's hold on one virtio-serial port: the provider's Channel."""
 
     def __init__(self, owner: GuestChannels, monitor: VMMonitor, name: str, identity: Any,
@@ -244,15 +244,6 @@ class GuestChannel:
             self._pending.append(fields)
         else:
             safe_notify(self._stream, fields)
-
-    def gone(self, reason: str) -> None:
-        if self._gone_reason:
-            return
-        self._gone_reason = reason
-        if self._stream is not None:
-            safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
-        for t in self._tasks:
-            t.cancel()
 
     async def run(self, stream: Any) -> None:
         self._stream = stream

@@ -25,7 +25,7 @@ import asyncio
 import socket
 from typing import Any, Dict, List, Optional, Set
 
-from ._streams import (CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, copy_socket_to_stream,
+from ._streams import (CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, copy_socket_to_stream,
                        refuse, safe_close, safe_reset)
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
@@ -142,7 +142,7 @@ class VncService(MonitorOwner):
                 "reason": self.reason}
 
 
-class VncViewer:
+class VncViewer(GoneOnQemuExit):
     """One VNC connection: the provider's Channel."""
 
     def __init__(self, service: VncService, monitor: VMMonitor, identity: Any,
@@ -155,15 +155,6 @@ class VncViewer:
         self._stream: Any = None
         self._gone_reason = ""
         self._tasks: List[asyncio.Task] = []
-
-    def gone(self, reason: str) -> None:
-        if self._gone_reason:
-            return
-        self._gone_reason = reason
-        if self._stream is not None:
-            safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
-        for t in self._tasks:
-            t.cancel()
 
     async def run(self, stream: Any) -> None:
         self._stream = stream
