@@ -32,8 +32,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import chardev
-from ._streams import (CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, refuse, safe_close,
-                       safe_notify, safe_reset)
+from ._streams import (CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, refuse,
+                       safe_close, safe_notify, safe_reset)
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor

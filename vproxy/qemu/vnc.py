@@ -25,8 +25,8 @@ import asyncio
 import socket
 from typing import Any, Dict, List, Optional, Set
 
-from ._streams import (CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, copy_socket_to_stream,
-                       refuse, safe_close, safe_reset)
+from ._streams import (CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode,
+                       copy_socket_to_stream, refuse, safe_close, safe_reset)
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
 
