@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(1200)
 from debian_root import ROOT_ENV, RootUnavailable, debian_root, popen_in_root, root_tempdir, \
     run_in_root
 from pyztools import session_pyz
-from test_debian11 import BENCH_TIMEOUT, agent, check_bench, free_port, host_env
+from test_debian_roots import BENCH_TIMEOUT, agent, check_bench, free_port, host_env
 
 MARKER = ".vproxy-native-complete"
 COVERED = {("x86_64", "3.9"), ("x86_64", "3.11"), ("x86_64", "3.13"),
