@@ -86,6 +86,37 @@ def test_window_does_not_grow_for_a_slow_reader():
     assert p.server.recv_window(sid) == 64 * 1024
 
 
+def test_window_follows_the_path_round_trip_not_a_queue_inflated_ping():
+    """A session that starts with a bulk transfer pings through a full queue: its
+    base round trip must come from below the mux (TCP's), or every window grows to
+    hold that queue, and a keystroke on another stream waits behind it."""
+    def grown_window(path_rtt):
+        p = Pair(mux.Config(initial_window=64 * 1024, max_window=16 * 1024 * 1024))
+        sid = p.open()
+        p.server.probe_rtt(p.now)
+        p.client.receive_data(p.server.data_to_send(), p.now)
+        p.now += 0.05  # the answer waited behind 50 ms of queued data
+        p.pump()
+        assert p.server.min_rtt == pytest.approx(0.05)
+        if path_rtt is not None:
+            p.server.observe_path_rtt(path_rtt)
+            p.server.observe_path_rtt(1.0)  # only ever lowers it
+            assert p.server.min_rtt == path_rtt
+        p.client.send_data(sid, b"x" * 50_000_000)
+        for step in range(2000):  # one second of a reader taking 128 MB/s
+            p.now += 0.0005
+            p.pump(limit=64 * 1024)
+            unread = p.unread.get(("server", sid), 0)
+            taken = min(unread, 64 * 1000)
+            p.unread[("server", sid)] = unread - taken
+            p.server.acknowledge(sid, taken, p.now)
+        return p.server.recv_window(sid)
+
+    inflated, base = grown_window(None), grown_window(0.0001)
+    assert base <= 256 * 1024  # 2 x the 0.5 ms floor x 128 MB/s, in doublings of 64 KiB
+    assert inflated >= 8 * base, (inflated, base)
+
+
 def test_session_budget_caps_the_sum_of_windows():
     config = mux.Config(initial_window=256 * 1024, session_window_limit=1024 * 1024, min_window=4096)
     p = Pair(config)

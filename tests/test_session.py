@@ -181,3 +181,13 @@ def test_many_concurrent_streams(kind, pki):
             results = await asyncio.gather(*(one(i) for i in range(300)))
             assert all(results)
     run(main())
+
+
+def test_a_tcp_session_takes_its_base_round_trip_from_tcp_at_once(pki):
+    """Windows are sized on the base round trip from the first byte: over TCP it is
+    TCP's own minimum (vproxy/tcpinfo.py), known before any ping has been answered."""
+    async def main():
+        async with session_pair("tls", pki, echo_handler) as (client, server):
+            for side in (client, server):
+                assert side._conn.min_rtt is not None and 0 < side._conn.min_rtt < 0.005
+    run(main())

@@ -173,7 +173,7 @@ class Connection:
         self._probes: "set[bytes]" = set()  # pings from probe_rtt()
         self._ping_counter = 0
         self.rtt: Optional[float] = None  # smoothed, seconds
-        self.min_rtt: Optional[float] = None  # the shortest ping round trip seen
+        self.min_rtt: Optional[float] = None  # the shortest round trip seen (pings, path)
         self.last_received = now
         self.local_goaway: Optional[Tuple[int, str]] = None
         self.remote_goaway: Optional[Tuple[int, int, str]] = None
@@ -327,6 +327,12 @@ class Connection:
         opaque = self.ping(now)
         self._probes.intersection_update(self._pings)  # forget those never answered
         self._probes.add(opaque)
+
+    def observe_path_rtt(self, rtt: float) -> None:
+        """A round trip measured below the mux (TCP's own minimum, say): a candidate
+        for min_rtt that queued bulk data cannot have inflated, as it can a PING's."""
+        if rtt > 0 and (self.min_rtt is None or rtt < self.min_rtt):
+            self.min_rtt = rtt
 
     def goaway(self, code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Refuse new streams from now on; the streams already open carry on (drain)."""
