@@ -83,7 +83,7 @@ class Stream:
             if self.remote_ended:
                 return b""
             self._readable.clear()
-            await self._readable.wait()
+            await self._readable.wait(self.session._loop)
         chunks: Deque[bytes] = self._chunks  # type: ignore[assignment]
         chunk = chunks[0]
         offset = self._offset
@@ -147,7 +147,7 @@ class Stream:
         while conn.send_buffered(self.stream_id) > WRITE_HIGH_WATER and self.error is None:
             self._writable.clear()
             self.session._blocked_writers.add(self)
-            await self._writable.wait()
+            await self._writable.wait(self.session._loop)
         if self.error is not None:
             raise self.error
 
@@ -180,7 +180,7 @@ class Stream:
             if self.error is not None or self._closed.is_set():
                 raise self.error or SessionClosed("stream closed")
             self._notice_ready.clear()
-            await self._notice_ready.wait()
+            await self._notice_ready.wait(self.session._loop)
         return self._notices.popleft()  # type: ignore[union-attr]
 
     def pending_notices(self) -> List[Dict[str, str]]:
@@ -195,7 +195,7 @@ class Stream:
         return self._closed.is_set()
 
     async def wait_closed(self) -> None:
-        await self._closed.wait()
+        await self._closed.wait(self.session._loop)
 
     def _maybe_done(self) -> None:
         if self.local_ended and self.remote_ended and not self._chunks:
@@ -253,10 +253,12 @@ class _Event:
     def clear(self) -> None:
         self._value = False
 
-    async def wait(self) -> None:
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        # the loop is passed in: get_running_loop() costs a getpid() system call
+        # (Python < 3.12), once per read() that waits
         if self._value:
             return
-        fut = asyncio.get_running_loop().create_future()
+        fut = loop.create_future()
         if self._waiters is None:
             self._waiters = [fut]
         else:
