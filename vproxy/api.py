@@ -421,7 +421,10 @@ async def rfb_capture(stream: Any, timeout: float = 30.0) -> Screenshot:
     return await asyncio.wait_for(_rfb_capture(stream), timeout)
 
 
-async def _rfb_capture(stream: Any) -> Screenshot:
+async def rfb_handshake(stream: Any) -> Tuple[int, int, str]:
+    """RFB 3.8 up to the first update request on *stream* (anything with async
+    readexactly/write): security None, shared, then SetPixelFormat (32-bit true colour)
+    and SetEncodings (raw only). Returns the screen's width, height and name."""
     read = stream.readexactly
     version = await read(12)
     if not re.match(rb"RFB \d{3}\.\d{3}\n", version):
@@ -449,6 +452,12 @@ async def _rfb_capture(stream: Any) -> Screenshot:
     # SetPixelFormat: 32 bpp, depth 24, little-endian, true colour, 8 bits each, R<<16 G<<8 B
     await stream.write(struct.pack(">B3xBBBBHHHBBB3x", 0, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0))
     await stream.write(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
+    return width, height, name
+
+
+async def _rfb_capture(stream: Any) -> Screenshot:
+    read = stream.readexactly
+    width, height, name = await rfb_handshake(stream)
     await stream.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))  # full update
     pixels = bytearray(width * height * 4)
     covered = 0
