@@ -205,9 +205,11 @@ async def wait_for_guest_screen(port: int, timeout: float = 60.0) -> Tuple[int, 
         if stream is not None:
             try:
                 shot = await rfb_capture(stream, 10)
+            except asyncio.TimeoutError:  # a loaded machine, QEMU still starting: again
+                shot = None
             finally:
                 stream.close()
-            red, green, blue = shot.rgb[-3:]  # the bottom-right pixel
+            red, green, blue = shot.rgb[-3:] if shot else (0, 0, 0)  # the bottom-right pixel
             if red == green == 0 and blue > 0x80:  # VGA blue (0xa8 in QEMU)
                 return shot.width, shot.height
         if time.monotonic() > deadline:
