@@ -7,6 +7,7 @@ ring, offsets, writer arbitration, slow viewers, QEMU going away and coming back
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 
@@ -461,3 +462,183 @@ def test_socket_directory(tmp_path):
     finally:
         first.terminate()
         late.terminate()
+
+
+# --------------------------------------------------------------------------- resume_prelaunch
+
+RESUMED = "resumed from prelaunch after taking over its consoles"
+
+
+def resumed_lines(caplog, vm="bs"):
+    return [r for r in caplog.records
+            if r.name == "vproxy.qemu.monitor" and r.getMessage() == "VM %s: %s" % (vm, RESUMED)]
+
+
+def test_resume_prelaunch_keeps_boot_output_from_first_byte(vm, caplog):
+    """resume_prelaunch: a VM started with -S is resumed by the agent itself, after the
+    takeover, so its banner is in the ring from offset 0; again after a QEMU restart."""
+    caplog.set_level(logging.INFO, logger="vproxy.qemu.monitor")
+    vm.start()
+
+    async def main():
+        # cont=False: the test helper must not resume the VM, only the agent may
+        async with agent([vm], cont=False, resume_prelaunch=True) as (provider, registry):
+            mon = registry.get("bs").monitor
+            assert mon.resume_prelaunch is True
+            # ready is set once the VM has been resumed
+            assert (await mon.execute("query-status"))["status"] == "running"
+            assert mon.state == "running"
+            await wait_offset(registry, "bs", len(BANNER))
+            s = await open_channel(provider, "bs", "console", "ro", {"replay": "all"})
+            assert s.info["start"] == "0"
+            assert await read_exactly(s, len(BANNER)) == BANNER  # from its first byte
+            assert (await provider.describe())[0]["state"] == "running"
+            assert len(resumed_lines(caplog)) == 1
+            assert resumed_lines(caplog)[0].levelno == logging.INFO
+
+            # a new QEMU process that comes up in prelaunch is resumed too
+            vm.kill()
+            with pytest.raises(StreamReset):
+                await asyncio.wait_for(s.read(), 10)
+            await end_quietly(s)
+            deadline = time.monotonic() + 10
+            while mon.state != "absent":
+                assert time.monotonic() < deadline, "QEMU's exit went unnoticed"
+                await asyncio.sleep(0.02)
+            vm.wait(10)
+            vm.proc = None
+            vm.start()
+            assert await mon.wait_ready(10)
+            assert (await mon.execute("query-status"))["status"] == "running"
+            await wait_offset(registry, "bs", 2 * len(BANNER))
+            again = await open_channel(provider, "bs", "console", "ro", {"replay": "all"})
+            assert await read_exactly(again, 2 * len(BANNER)) == BANNER + BANNER
+            assert len(resumed_lines(caplog)) == 2
+            await end(again)
+
+    asyncio.run(main())
+
+
+async def end_quietly(stream):
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(stream.task, 5)
+
+
+def test_prelaunch_vm_stays_prelaunch_without_resume_prelaunch(vm, caplog):
+    """The setting is off by default: the agent takes the console over but never runs
+    `cont` (libvirt starts VMs with -S and resumes them itself)."""
+    caplog.set_level(logging.INFO, logger="vproxy.qemu.monitor")
+    vm.start()
+
+    async def main():
+        async with agent([vm], cont=False) as (provider, registry):
+            mon = registry.get("bs").monitor
+            assert mon.resume_prelaunch is False
+            assert registry.get("bs").consoles.describe()[0]["status"] == "attached"
+            await asyncio.sleep(1.0)  # the guest prints its banner within ~0.2 s if run
+            assert (await mon.execute("query-status"))["status"] == "prelaunch"
+            assert (await provider.describe())[0]["state"] == "prelaunch"
+            assert registry.get("bs").consoles.consoles["serial0"].offset == 0
+            assert resumed_lines(caplog) == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", ["paused", "inmigrate"])
+def test_resume_prelaunch_leaves_paused_and_inmigrate_alone(tmp_path, caplog, how):
+    """Only "prelaunch" is resumed: a VM someone stopped ("paused", here: -S, cont, stop
+    before the agent comes) or one waiting for an incoming migration stays as it is."""
+    caplog.set_level(logging.INFO, logger="vproxy.qemu.monitor")
+    extra = ["-incoming", "defer"] if how == "inmigrate" else []
+    v = boot_sector_vm(tmp_path, vnc=False, name="bs", paused=(how == "paused"), extra=extra)
+    v.start()
+    try:
+        async def main():
+            if how == "paused":
+                from vmtools import qmp_connect
+
+                qmp = await qmp_connect(v)
+                await qmp.execute("cont")
+                await qmp.execute("stop")
+                assert (await qmp.execute("query-status"))["status"] == "paused"
+                await qmp.disconnect()
+            async with agent([v], cont=False, resume_prelaunch=True) as (provider, registry):
+                mon = registry.get("bs").monitor
+                await asyncio.sleep(0.5)
+                assert (await mon.execute("query-status"))["status"] == how
+                assert mon.state == how
+                # (cont in inmigrate would change no status, only QEMU's autostart: the
+                # log line is what tells)
+                assert resumed_lines(caplog) == []
+
+        asyncio.run(main())
+    finally:
+        v.terminate()
+
+
+def test_resume_prelaunch_waits_for_every_owner(vm):
+    """cont is sent only after every owner's on_connected has finished: an owner that
+    takes its time still sees the VM in prelaunch at its end."""
+    from vproxy.qemu.monitor import MonitorOwner, VMMonitor
+
+    vm.start()
+
+    class SlowOwner(MonitorOwner):
+        seen = []
+
+        async def on_connected(self, monitor):
+            await asyncio.sleep(0.5)
+            self.seen.append((await monitor.execute("query-status"))["status"])
+
+    async def main():
+        mon = VMMonitor("bs", str(vm.qmp_path), resume_prelaunch=True)
+        first, second = SlowOwner(), SlowOwner()
+        first.seen, second.seen = [], []
+        mon.add_owner(first)
+        mon.add_owner(second)
+        mon.start()
+        try:
+            assert await mon.wait_ready(10)
+            assert first.seen == second.seen == ["prelaunch"]
+            assert (await mon.execute("query-status"))["status"] == "running"
+        finally:
+            await mon.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("failure", ["qmp", "bug"])
+def test_resume_prelaunch_failure_is_a_warning(vm, caplog, failure):
+    """A cont that fails is one warning; the supervisor goes on (the VM is served,
+    and stays in prelaunch)."""
+    from vproxy.qemu.errors import QMPCommandError
+    from vproxy.qemu.monitor import VMMonitor
+
+    caplog.set_level(logging.INFO, logger="vproxy.qemu.monitor")
+    vm.start()
+
+    class FailingCont(VMMonitor):
+        async def execute(self, cmd, args=None):
+            if cmd == "cont":
+                if failure == "qmp":
+                    raise QMPCommandError(self.name, cmd, args, "GenericError", "not now")
+                raise RuntimeError("oops")
+            return await super().execute(cmd, args)
+
+    async def main():
+        mon = FailingCont("bs", str(vm.qmp_path), resume_prelaunch=True)
+        mon.start()
+        try:
+            assert await mon.wait_ready(10)
+            assert not mon._task.done()
+            assert (await mon.execute("query-status"))["status"] == "prelaunch"
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                        and "could not resume it from prelaunch" in r.getMessage()]
+            assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+            assert ("not now" if failure == "qmp" else "oops") in warnings[0].getMessage()
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert resumed_lines(caplog) == []
+        finally:
+            await mon.stop()
+
+    asyncio.run(main())

@@ -4,8 +4,12 @@ Rules this module keeps:
 - As soon as a VM's QMP connects (`ConsoleSet.on_connected`), every serial port's
   chardev is taken over (vproxy.qemu.chardev): boot output is captured before anyone
   attaches. To capture it from the very first byte, start QEMU paused (``-S``) and
-  resume it (``cont``) once ``vproxy ls`` shows the console attached; the agent never
-  resumes a VM itself.
+  either give the agent ``resume_prelaunch`` (``vproxy serve --resume-prelaunch``):
+  once every owner's ``on_connected`` has run, a VM in "prelaunch" (-S, never ran)
+  gets ``cont`` (VMMonitor._resume_from_prelaunch; on every QEMU (re)start; never a
+  "paused" or "inmigrate" VM), or resume it yourself (``cont``) once ``vproxy ls``
+  shows the console attached. Off by default: libvirt starts VMs with -S and resumes
+  them itself.
 - The agent reads every console ALWAYS, into a `RingBuffer` (default 1 MiB) where each
   byte has an offset that only grows (also across QEMU restarts: the ring and offsets
   belong to the console, not to one QEMU process), and optionally appends it to a log

@@ -13,6 +13,11 @@ Rules this module keeps:
   until the command that consumes its name has replied, because fds sent back to back
   are lost (DESIGN.md). `execute_with_fd` does the whole dance and closes the name in
   QEMU if the consuming command fails.
+- With `resume_prelaunch` (the agent's ``resume_prelaunch`` setting, default off), a
+  QEMU whose status is "prelaunch" once every owner's `on_connected` has finished (it
+  was started with -S and never ran) gets ``cont``, on every (re)connection; `ready`
+  is set after that. "paused" and "inmigrate" are never resumed; a failed ``cont`` is
+  a warning.
 - QMP failures become `VMGone` / `QMPCommandError` (vproxy.qemu.errors), whose text is
   meant for the user.
 """
@@ -76,12 +81,16 @@ class VMMonitor:
     """The agent's QMP connection to one VM's QEMU, reconnecting across restarts."""
 
     def __init__(self, name: str, qmp_path: str, *, connect_timeout: float = 5.0,
-                 min_backoff: float = 0.05, max_backoff: float = 1.0):
+                 min_backoff: float = 0.05, max_backoff: float = 1.0,
+                 resume_prelaunch: bool = False):
         self.name = name
         self.qmp_path = str(qmp_path)
         self.connect_timeout = connect_timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        #: Send ``cont`` to a QEMU found in "prelaunch" (started with -S, never run),
+        #: once every owner's `on_connected` has finished (see `_resume_from_prelaunch`).
+        self.resume_prelaunch = resume_prelaunch
         #: "absent" while no QEMU is connected, else QEMU's run state from
         #: query-status ("running", "paused", "prelaunch", "shutdown", ...).
         self.state = ABSENT
@@ -256,9 +265,12 @@ class VMMonitor:
                             break
                         log.exception("VM %s: setting up %r failed", self.name, owner)
                 if self.connected:
+                    log.info("VM %s: QMP connected (%s)", self.name, self.state)
+                    if self.resume_prelaunch:
+                        await self._resume_from_prelaunch()
+                if self.connected:
                     assert self._ready is not None
                     self._ready.set()
-                    log.info("VM %s: QMP connected (%s)", self.name, self.state)
                 while client.runstate == Runstate.RUNNING:
                     await client.runstate_changed()
             finally:
@@ -275,6 +287,23 @@ class VMMonitor:
                     except Exception:
                         log.exception("VM %s: %r.on_lost failed", self.name, owner)
                 await self._drop_client()
+
+    async def _resume_from_prelaunch(self) -> None:
+        """``cont`` if QEMU is in "prelaunch" (started with -S and never run): the
+        owners have taken over what they need (consoles), so nothing the guest prints
+        from its first instruction on is lost. "paused" (someone stopped it) and
+        "inmigrate" (an incoming migration) are left alone. Failures are warnings."""
+        try:
+            status = await self.execute("query-status")
+            if str(status.get("status")) != "prelaunch":
+                return
+            await self.execute("cont")
+        except (VMGone, QMPCommandError) as e:
+            log.warning("VM %s: could not resume it from prelaunch: %s", self.name, e)
+        except Exception as e:  # never let this kill the supervisor
+            log.warning("VM %s: could not resume it from prelaunch: %r", self.name, e)
+        else:
+            log.info("VM %s: resumed from prelaunch after taking over its consoles", self.name)
 
     async def _connect(self) -> bool:
         client = QMPClient(self.name)

@@ -12,6 +12,7 @@ VMs come from two places:
 Each VM has one `VMMonitor` that reconnects by itself when its QEMU comes back, and
 the channel kinds hanging off it (consoles, guest channels, VNC) as monitor owners:
 they take over what they need when QEMU appears and reset their streams when it goes.
+With ``resume_prelaunch``, a QEMU started with -S is then resumed (vproxy.qemu.monitor).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ class VM:
 
     def __init__(self, name: str, qmp_path: str, *, source: str = "config",
                  ring_size: int = DEFAULT_RING_SIZE, log_dir: Optional[str] = None,
-                 linger: float = DEFAULT_LINGER):
+                 linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False):
         self.name = name
         self.qmp_path = str(qmp_path)
         self.source = source  # "config" or "dir"
-        self.monitor = VMMonitor(name, self.qmp_path)
+        self.monitor = VMMonitor(name, self.qmp_path, resume_prelaunch=resume_prelaunch)
         self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger)
         self.channels = GuestChannels(name, linger=linger)
         self.vnc = VncService(name)
@@ -89,10 +90,12 @@ class VMRegistry:
 
     def __init__(self, vms: Iterable[Tuple[str, str]] = (), socket_dir: Optional[str] = None,
                  *, scan_interval: float = 1.0, ring_size: int = DEFAULT_RING_SIZE,
-                 log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER):
+                 log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER,
+                 resume_prelaunch: bool = False):
         self.socket_dir = socket_dir
         self.scan_interval = scan_interval
-        self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger)
+        self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
+                                resume_prelaunch=resume_prelaunch)
         self._configured = list(vms)
         self._vms: Dict[str, VM] = {}
         self._scanner: Optional[asyncio.Task] = None
