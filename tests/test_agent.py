@@ -145,3 +145,86 @@ def test_serve_and_bench_from_the_command_line(pki, tmp_path):
         agent.terminate()
         agent.wait(10)
     assert agent.returncode == 0  # SIGTERM drains and exits cleanly
+
+
+def test_resume_prelaunch_config_key_is_a_bool(tmp_path):
+    from vproxy.config import load_agent_config, parse_agent_config
+
+    assert "resume_prelaunch" not in parse_agent_config({}).settings  # default: off (unset)
+    for value in (True, False):
+        assert parse_agent_config({"resume_prelaunch": value}).settings["resume_prelaunch"] is value
+    path = tmp_path / "agent.toml"
+    path.write_text("resume_prelaunch = true\n")
+    assert load_agent_config(str(path)).settings["resume_prelaunch"] is True
+    # every other key still refuses a bool (the bool exception is for this key only)
+    with pytest.raises(UserError) as info:
+        parse_agent_config({"console_ring": True}, "agent.toml")
+    assert "console_ring has the wrong type (bool)" in info.value.message
+    for bad in ("true", "yes", 1, 0, 1.0, ["x"]):
+        with pytest.raises(UserError) as info:
+            parse_agent_config({"resume_prelaunch": bad}, "agent.toml")
+        message = info.value.message
+        assert message.startswith("agent.toml: resume_prelaunch must be true or false"), message
+        assert repr(bad) in message
+    path.write_text('resume_prelaunch = "true"\n')
+    with pytest.raises(UserError) as info:
+        load_agent_config(str(path))
+    assert "resume_prelaunch must be true or false, not 'true' (str)" in info.value.message
+
+
+def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
+    """AgentConfig.resume_prelaunch -> VMRegistry -> VM -> VMMonitor, also for VMs found in
+    vm_dir and VMs a reload adds; default off."""
+    from vproxy.reload import Settings
+
+    import socket
+
+    (tmp_path / "q").mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "q" / "fromdir.qmp"))  # a socket nobody answers on
+
+    async def main():
+        for on in (False, True):
+            kw = {} if not on else {"resume_prelaunch": True}
+            agent = await started_agent(pki, vms=[("web1", str(tmp_path / "none.qmp"))],
+                                        vm_dir=str(tmp_path / "q"), **kw)
+            try:
+                await agent.reload(lambda: Settings(
+                    cert=pki.server.cert, key=pki.server.key, ca=pki.ca, crl=pki.crl,
+                    acl=agent.acl, vms=[("web1", str(tmp_path / "none.qmp")),
+                                        ("web2", str(tmp_path / "none2.qmp"))]))
+                monitors = {vm.name: vm.monitor.resume_prelaunch for vm in agent.registry}
+                assert monitors == {"web1": on, "web2": on, "fromdir": on}
+            finally:
+                await agent.shutdown()
+            # an agent started without VMs makes its registry on the reload that adds one
+            agent = await started_agent(pki, **kw)
+            try:
+                assert agent.registry is None
+                await agent.reload(lambda: Settings(
+                    cert=pki.server.cert, key=pki.server.key, ca=pki.ca, crl=pki.crl,
+                    acl=agent.acl, vms=[("web3", str(tmp_path / "none3.qmp"))]))
+                assert [vm.monitor.resume_prelaunch for vm in agent.registry] == [on]
+            finally:
+                await agent.shutdown()
+
+    try:
+        run(main())
+    finally:
+        listener.close()
+
+
+def test_a_reload_says_resume_prelaunch_needs_a_restart(tmp_path):
+    """Read at start only: a reload that finds it changed in the file says so, unless
+    the command line set it (then the file's value does not count)."""
+    from vproxy.cli.serving import make_reloader
+
+    config = tmp_path / "agent.toml"
+    config.write_text("resume_prelaunch = true\n")
+    load = make_reloader(str(config), {}, (), (), None, False, started={})
+    assert "resume_prelaunch" in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False, started={"resume_prelaunch": True})
+    assert "resume_prelaunch" not in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False, started={},
+                         overridden=["resume_prelaunch"])
+    assert "resume_prelaunch" not in load().needs_restart

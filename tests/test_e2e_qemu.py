@@ -277,3 +277,73 @@ def test_qemu_killed_mid_stream_and_started_again(pki, tmp_path):
         web1.terminate()
         web2.terminate()
     assert any("vm=web1" in line and reset_message in line for line in agent.audit_lines())
+
+
+@pytest.mark.parametrize("file_line, flags, resumed", [
+    ("resume_prelaunch = true", [], True),                           # the config key
+    ("", ["--resume-prelaunch"], True),                              # the flag
+    ("resume_prelaunch = true", ["--no-resume-prelaunch"], False),   # the flag wins
+    ("", [], False),                                                 # default: off
+])
+def test_resume_prelaunch_through_vproxy_serve(pki, tmp_path, file_line, flags, resumed):
+    """`vproxy serve` with resume_prelaunch resumes a VM started with -S once its console
+    is taken over: a viewer with replay=all gets the banner from byte 0 and `ls` says
+    running. Without it, the VM stays in prelaunch."""
+    import threading
+
+    vm = boot_sector_vm(tmp_path / "vm", name="web1", paused=True)
+    vm.start()
+    config = tmp_path / "agent.toml"
+    config.write_text("\n".join([
+        'listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
+        'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl, file_line,
+        "[[vm]]", 'name = "web1"', 'qmp = "%s"' % vm.qmp_path,
+        "[[allow]]", 'identities = ["alice"]']) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "vproxy", "-v", "serve", "--config", str(config)] + flags,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
+    lines = []
+    address = None
+    for line in proc.stderr:  # with -v, info lines may come before "listening on"
+        lines.append(line)
+        if "listening on " in line:
+            address = line.split("listening on ")[1].strip()
+            break
+    assert address, "the agent did not start: " + "".join(lines)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        async def main():
+            alice = await connect_as(pki, pki.alice, address)
+            deadline = time.monotonic() + 20
+            while True:  # until the agent has the console and (maybe) resumed the VM
+                (web1,) = await alice.list_vms()
+                done = web1["consoles"] and (web1["state"] == "running" or not resumed)
+                if done or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert web1["consoles"][0]["status"] == "attached", web1
+            if resumed:
+                assert web1["state"] == "running"
+                console = await alice.open("web1", "console", "ro", {"replay": "all"})
+                assert console.info["start"] == "0"
+                data = b""
+                while len(data) < len(BOOT_SECTOR_BANNER):
+                    chunk = await asyncio.wait_for(console.read(), 20)
+                    assert chunk, "EOF after %r" % data
+                    data += chunk
+                assert data.startswith(BOOT_SECTOR_BANNER)
+            else:
+                await asyncio.sleep(1.0)  # the guest would have printed by now
+                (web1,) = await alice.list_vms()
+                assert web1["state"] == "prelaunch"
+                assert web1["consoles"][0]["buffered"] == 0
+            await alice.close()
+
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        reader.join(5)
+        vm.terminate()
+    said = [l for l in lines if "resumed from prelaunch after taking over its consoles" in l]
+    assert len(said) == (1 if resumed else 0), "".join(lines)

@@ -43,6 +43,7 @@ class AgentConfig:
     drain_timeout: float = 10.0  # on shutdown: how long open streams may finish
     metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
     max_sessions: int = 4096  # more concurrent sessions are ended at once with a reason
+    resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
 
 
 class AgentSession(Session):
@@ -137,7 +138,8 @@ class Agent:
             from .qemu.vms import VMRegistry
 
             self.registry = VMRegistry(c.vms, c.vm_dir, ring_size=c.console_ring,
-                                       log_dir=c.console_log_dir)
+                                       log_dir=c.console_log_dir,
+                                       resume_prelaunch=c.resume_prelaunch)
             await self.registry.start()
             self.providers["vm"] = QemuProvider(self.registry)
         if self._ssl is not None:

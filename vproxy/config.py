@@ -7,6 +7,7 @@
     console_log_dir = "/var/log/vproxy/consoles"
     audit_log = "/var/log/vproxy/audit.log"
     local_socket = "/run/vproxy/agent.sock"   # also serve local users, known by uid
+    resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
 
     [[vm]]
     name = "web1"
@@ -31,7 +32,7 @@ KEYS = {
     "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
     "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
     "console_log_dir": str, "max_sessions": int, "max_streams": int, "vm": list, "allow": list, "local_socket": str,
-    "drain_timeout": (int, float), "metrics": str, "log_format": str,
+    "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
 }
 
 
@@ -66,7 +67,11 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
         kind = KEYS.get(key)
         if kind is None:
             raise UserError("%s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(KEYS))))
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if kind is bool:  # the only boolean key: true or false, nothing else
+            if not isinstance(value, bool):
+                raise UserError("%s: %s must be true or false, not %r (%s)"
+                                % (path, key, value, type(value).__name__))
+        elif not isinstance(value, kind) or isinstance(value, bool):
             raise UserError("%s: %s has the wrong type (%s)" % (path, key, type(value).__name__))
         if key not in ("vm", "allow"):
             out.settings[key] = value

@@ -172,7 +172,8 @@ async def _apply_vms(agent: Any, vms: List[Tuple[str, str]], outcome: Outcome) -
         from .qemu.vms import VMRegistry
 
         c = agent.config
-        registry = VMRegistry([], None, ring_size=c.console_ring, log_dir=c.console_log_dir)
+        registry = VMRegistry([], None, ring_size=c.console_ring, log_dir=c.console_log_dir,
+                              resume_prelaunch=c.resume_prelaunch)
         await registry.start()
         agent.registry = registry
         agent.providers["vm"] = QemuProvider(registry)
