@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
-from . import mux, tls, transport
+from . import memory, mux, tls, transport
 from .errors import ChannelRefused, SessionClosed, StreamReset
 from .metrics import Metrics
 from .mux import RefuseCode
@@ -23,6 +23,9 @@ log = logging.getLogger("vproxy.agent")
 audit_log = logging.getLogger("vproxy.audit")
 
 HANDSHAKE_TIMEOUT = 5.0  # a TLS handshake that takes longer is dropped
+RELEASE_DELAY = 15.0  # idle this long after the last session ended: memory.release().
+# Not at once: a closed session's objects live on until its last round-trip probe
+# timer fires (session.RTT_PROBES, about 11 s after it connected).
 
 
 @dataclass
@@ -86,6 +89,8 @@ class AgentSession(Session):
 
     def _gone(self) -> None:
         self.agent.sessions.discard(self)
+        if not self.agent.sessions:
+            self.agent.idle()
         log.info("%s: closed: %s", self.name, self.close_reason)
 
     async def _dispatch(self, stream: Stream) -> None:
@@ -117,6 +122,7 @@ class Agent:
         self._ssl: Optional[ssl.SSLContext] = None
         self._trust = None  # vproxy.crl.Trust after a reload: judges late handshakes
         self._reload_lock: Optional[asyncio.Lock] = None
+        self._release_timer: Optional[asyncio.TimerHandle] = None
 
     @property
     def addresses(self) -> List[str]:
@@ -158,6 +164,17 @@ class Agent:
             from .metrics import MetricsServer
 
             self.metrics_server = await MetricsServer(self, c.metrics).start()
+
+    def idle(self) -> None:
+        """The last session ended: if the agent is still without sessions after
+        RELEASE_DELAY, give the heap of the burst back to the OS (vproxy.memory)."""
+        if self._release_timer is None:
+            self._release_timer = asyncio.get_event_loop().call_later(RELEASE_DELAY, self._release)
+
+    def _release(self) -> None:
+        self._release_timer = None
+        if not self.sessions:
+            memory.release()
 
     def _handshake_failed(self, peer, exc: BaseException) -> None:
         self.metrics.handshake_failed()
