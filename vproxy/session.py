@@ -299,6 +299,7 @@ class Session(asyncio.BufferedProtocol):
         self._paused = False
         self._flush_scheduled = False
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._probe: Optional[asyncio.TimerHandle] = None  # the next RTT probe
         self._pings: Deque["asyncio.Future[float]"] = deque()
         self._tasks: "set[asyncio.Task]" = set()
         self._loop = asyncio.get_event_loop()
@@ -314,7 +315,7 @@ class Session(asyncio.BufferedProtocol):
         self._conn.last_received = self._loop.time()
         self._schedule_timer()
         self._observe_path_rtt()
-        self._loop.call_later(RTT_PROBES[0], self._probe_rtt, RTT_PROBES[1:])
+        self._probe = self._loop.call_later(RTT_PROBES[0], self._probe_rtt, RTT_PROBES[1:])
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -561,7 +562,7 @@ class Session(asyncio.BufferedProtocol):
         self._conn.probe_rtt(self._loop.time())
         self._flush()
         if later:
-            self._loop.call_later(later[0], self._probe_rtt, later[1:])
+            self._probe = self._loop.call_later(later[0], self._probe_rtt, later[1:])
 
     def _observe_path_rtt(self) -> None:
         """TCP's minimum round trip, where the transport has one: the probe pings run
@@ -595,6 +596,8 @@ class Session(asyncio.BufferedProtocol):
             self.close_reason = reason
         if self._timer is not None:
             self._timer.cancel()
+        if self._probe is not None:
+            self._probe.cancel()  # it holds the session: a closed one would live 11 s on
         error = SessionClosed(self.close_reason)
         for stream in list(self._streams.values()):
             stream._finish(error)
