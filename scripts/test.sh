@@ -10,7 +10,7 @@
 #   3. runs pytest in it with your arguments, and exits with pytest's status.
 #
 # Environment: PYTHON (default python3) makes the venv; VPROXY_TEST_CACHE (default
-# ~/.cache/vproxy-tests) is where tests cache the Debian 11 root, wheels and guests.
+# ~/.cache/vproxy-tests) is where tests cache the Debian roots, wheels and guests.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,8 +22,8 @@ say() { printf 'test.sh: %s\n' "$*" >&2; }
 # --- 1. Debian packages -----------------------------------------------------------------
 PACKAGES=(
     qemu-system-x86 qemu-utils        # real VMs for the QEMU channel tests
-    debootstrap debian-archive-keyring  # the Debian 11 "bare host" root
-    qemu-user-static binfmt-support   # the arm64 Debian 11 root, run through qemu-user
+    debootstrap debian-archive-keyring  # the Debian 11/12/13 "bare host" roots
+    qemu-user-static binfmt-support   # the arm64 Debian roots, run through qemu-user
     mandoc                            # man page lint
     busybox-static cpio               # the Linux test guest's initramfs
     stunnel4 openssh-server openssh-client  # the baselines bench/ compares against

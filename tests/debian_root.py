@@ -1,12 +1,14 @@
 """A Debian root filesystem to run vproxy.pyz on a "bare host": the honest test that the
-single file works on Debian 11's python3 (3.9) with nothing else installed.
+single file works on the system python3 of Debian 11, 12 and 13 (3.9, 3.11, 3.13), on
+amd64 and (through qemu-user) arm64, with nothing else installed.
 
-- `debian_root(release="bullseye")` -> Path: made once with
-  ``debootstrap --variant=minbase --include=python3,ca-certificates`` (about a minute) and
-  cached under ``$VPROXY_TEST_CACHE/roots/<release>-<arch>`` (default cache:
-  ``~/.cache/vproxy-tests``). It is built in a temporary directory beside that path and
-  renamed into place only once it works, under a file lock, so a half-made root is never
-  used and two test sessions never build at once.
+- `debian_root(release="bullseye", arch=None)` -> Path: made once with
+  ``debootstrap --variant=minbase --include=python3,ca-certificates`` (a minute or two;
+  an emulated arm64 root: ten minutes or more) and cached under
+  ``$VPROXY_TEST_CACHE/roots/<release>-<arch>`` (default cache: ``~/.cache/vproxy-tests``).
+  It is built in a temporary directory beside that path and renamed into place only once
+  it works, under a file lock, so a half-made root is never used and two test sessions
+  never build at once.
 - `run_in_root(root, argv, **kw)` (like `subprocess.run`) and `popen_in_root(root, argv,
   **kw)` (like `subprocess.Popen`) run a command inside the root: `chroot` in a private
   mount namespace (``unshare --mount``) that has /proc and the host's /dev mounted; the
@@ -18,7 +20,9 @@ single file works on Debian 11's python3 (3.9) with nothing else installed.
   `put(file)` copies a host file into it and returns the path as seen inside.
 
 Needs root privileges (debootstrap, chroot). Without them, or without debootstrap, the
-functions raise `RootUnavailable`, which tests turn into a skip with its reason.
+functions raise `RootUnavailable`. Tests get their roots through `root_for_test`, which
+turns that into a skip with its reason, except under CI (``$CI`` set, e.g. ``CI=1``),
+where it is a failure: there a skipped test must not pass for a tested host.
 """
 
 import contextlib
@@ -32,12 +36,16 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
+import pytest
+
 __all__ = [
     "RootUnavailable",
     "RootDir",
     "default_cache_dir",
     "root_info",
     "debian_root",
+    "in_ci",
+    "root_for_test",
     "root_argv",
     "run_in_root",
     "popen_in_root",
@@ -206,6 +214,26 @@ def debian_root(release: str = "bullseye", cache_dir: Optional[PathLike] = None,
             _remove_tree(tmp)
             raise
         return final
+
+
+def in_ci() -> bool:
+    """Whether this run is CI: ``$CI`` is set to anything but "", "0" or "false"."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def root_for_test(release: str, arch: Optional[str] = None) -> Path:
+    """`debian_root(release, arch=arch)` for a test or fixture. When this machine cannot
+    make the root (`RootUnavailable`: not root, no debootstrap, no qemu-user...) the test
+    is skipped with the reason -- but under CI (`in_ci`) it fails: CI must run every
+    root it claims to test. Other errors (debootstrap itself failing) always fail."""
+    try:
+        return debian_root(release, arch=arch)
+    except RootUnavailable as e:
+        what = "no Debian %s %s root: %s" % (release, arch or _host_arch(), e)
+    if in_ci():
+        pytest.fail(what + " (CI is set: a root that cannot be made fails, not skips)",
+                    pytrace=False)
+    pytest.skip(what)
 
 
 def root_info(root: PathLike) -> Dict[str, Any]:
