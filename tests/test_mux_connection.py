@@ -92,6 +92,7 @@ def test_window_follows_the_path_round_trip_not_a_queue_inflated_ping():
     hold that queue, and a keystroke on another stream waits behind it."""
     def grown_window(path_rtt):
         p = Pair(mux.Config(initial_window=64 * 1024, max_window=16 * 1024 * 1024))
+        p.open(priority=mux.Priority.INTERACTIVE)  # a console beside the transfer
         sid = p.open()
         p.server.probe_rtt(p.now)
         p.client.receive_data(p.server.data_to_send(), p.now)
@@ -103,18 +104,40 @@ def test_window_follows_the_path_round_trip_not_a_queue_inflated_ping():
             p.server.observe_path_rtt(1.0)  # only ever lowers it
             assert p.server.min_rtt == path_rtt
         p.client.send_data(sid, b"x" * 50_000_000)
-        for step in range(2000):  # one second of a reader taking 128 MB/s
-            p.now += 0.0005
-            p.pump(limit=64 * 1024)
-            unread = p.unread.get(("server", sid), 0)
-            taken = min(unread, 64 * 1000)
-            p.unread[("server", sid)] = unread - taken
-            p.server.acknowledge(sid, taken, p.now)
+        reader_at(p, sid, 2000)  # one second of a reader taking 128 MB/s
         return p.server.recv_window(sid)
 
     inflated, base = grown_window(None), grown_window(0.0001)
     assert base <= 256 * 1024  # 2 x the 0.5 ms floor x 128 MB/s, in doublings of 64 KiB
     assert inflated >= 8 * base, (inflated, base)
+
+
+def reader_at(p, sid, steps, per_step=64 * 1000, dt=0.0005):
+    """The server's reader takes per_step bytes every dt (128 MB/s by default)."""
+    for _ in range(steps):
+        p.now += dt
+        p.pump(limit=64 * 1024)
+        unread = p.unread.get(("server", sid), 0)
+        taken = min(unread, per_step)
+        p.unread[("server", sid)] = unread - taken
+        p.server.acknowledge(sid, taken, p.now)
+
+
+def test_bulk_windows_grow_further_until_an_interactive_stream_opens():
+    """Bulk streams alone: windows for 2 x 2 ms of the reader's rate (throughput).
+    Once a console opens beside them: back toward 2 x 0.5 ms (what a keystroke waits
+    behind)."""
+    p = Pair(mux.Config(initial_window=64 * 1024, max_window=16 * 1024 * 1024))
+    sid = p.open()
+    p.server.observe_path_rtt(0.0001)
+    p.client.send_data(sid, b"x" * 200_000_000)
+    reader_at(p, sid, 1000)
+    bulk_only = p.server.recv_window(sid)
+    assert 512 * 1024 <= bulk_only <= 1024 * 1024, bulk_only  # 2 x 2 ms x 128 MB/s = 512 KB
+    p.open(priority=mux.Priority.INTERACTIVE)
+    reader_at(p, sid, 1000)
+    beside_console = p.server.recv_window(sid)
+    assert beside_console <= 256 * 1024 and beside_console * 2 <= bulk_only, (bulk_only, beside_console)
 
 
 def test_session_budget_caps_the_sum_of_windows():

@@ -44,6 +44,11 @@ class Config:
     # that fell behind takes what waited for it in one gulp; a window grown on those
     # grows the queue, which a keystroke on another stream waits behind.
     window_rtt_floor: float = 0.0005
+    # ... but while no interactive stream is open, bulk streams only compete with each
+    # other: a longer floor lets their windows grow further (on a 2-CPU loopback 2 ms
+    # gave 10-15 % more throughput than 0.5 ms); windows come back down once an
+    # interactive stream opens (a window more than twice its target gives credit back).
+    bulk_only_window_rtt_floor: float = 0.002
     window_rate_period: float = 0.02
 
 
@@ -168,6 +173,7 @@ class Connection:
         self._control: List[bytes] = []
         self._send_queues = (deque(), deque())  # by Priority
         self._budget_used = 0  # sum of recv_window over streams
+        self._interactive = 0  # open streams of Priority.INTERACTIVE
         self._decoder = fr.FrameDecoder()
         self._pings: Dict[bytes, float] = {}
         self._probes: "set[bytes]" = set()  # pings from probe_rtt()
@@ -228,6 +234,7 @@ class Connection:
             raise LocalProtocolError("stream ids exhausted: open a new session")
         self._next_local_id += 2
         s = _Stream(sid, S.OPENING, Priority(priority))
+        self._count_interactive(s, 1)
         self._grant_initial(s)
         self._streams[sid] = s
         self._control.append(fr.encode_open(sid, s.recv_window, s.priority, fields))
@@ -290,7 +297,8 @@ class Connection:
             s.rate += (s.rate_bytes / elapsed - s.rate) * weight
             s.rate_start = now
             s.rate_bytes = 0
-        rtt = max(self.min_rtt if self.min_rtt is not None else c.initial_rtt, c.window_rtt_floor)
+        floor = c.window_rtt_floor if self._interactive else c.bulk_only_window_rtt_floor
+        rtt = max(self.min_rtt if self.min_rtt is not None else c.initial_rtt, floor)
         target = s.rate * 2 * rtt
         if target > s.recv_window:
             grow = min(s.recv_window, c.max_window - s.recv_window,
@@ -299,7 +307,7 @@ class Connection:
                 s.recv_window += grow
                 self._budget_used += grow
                 increment += grow
-        elif target * 4 < s.recv_window and s.recv_window > c.initial_window:
+        elif target * 2 < s.recv_window and s.recv_window > c.initial_window:
             # grown on a round trip or a rate that turned out shorter or slower:
             # give back part of what was consumed instead of all of it
             shrink = min(s.recv_window // 2, s.recv_window - c.initial_window, increment // 2)
@@ -557,6 +565,7 @@ class Connection:
                 "too many streams: at most %d per session" % self.config.max_streams))
             return
         s = _Stream(sid, S.PENDING, f.priority)
+        self._count_interactive(s, 1)
         s.send_window = f.window
         self._streams[sid] = s
         self._remote_open += 1
@@ -620,6 +629,10 @@ class Connection:
             s.queued = True
             self._send_queues[s.priority].append(s)
 
+    def _count_interactive(self, s: _Stream, change: int) -> None:
+        if s.priority == Priority.INTERACTIVE:
+            self._interactive += change
+
     def _forget(self, s: _Stream) -> None:
         s.state = S.CLOSED
         s.end_pending = False
@@ -627,6 +640,7 @@ class Connection:
         s.send_buffered = 0
         if self._streams.pop(s.id, None) is not None:
             self._budget_used -= s.recv_window
+            self._count_interactive(s, -1)
             if not self._is_local(s.id):
                 self._remote_open -= 1
 
