@@ -142,7 +142,8 @@ def test_console_vnc_acl_and_ls_through_the_agent(pki, tmp_path, bootvm):
 
             image = Image.open(shot)
             assert image.size == (720, 400) or image.size[0] >= 640
-            assert len(set(image.convert("RGB").getdata())) > 1  # not a blank screen
+            extrema = image.convert("RGB").getextrema()  # (min, max) per band
+            assert any(low != high for low, high in extrema)  # not a blank screen
             await alice.close()
             await bob.close()
 
