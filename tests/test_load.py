@@ -65,6 +65,20 @@ def settled_rss(pid: int, done) -> int:
         time.sleep(0.5)
 
 
+async def echo_hello(client, i):
+    """Open an echo stream on client i, check a greeting comes back; the stream."""
+    stream = await client.open("", "echo", "rw")
+    msg = b"client %d says hi" % i
+    await stream.write(msg)
+    got = b""
+    while len(got) < len(msg):
+        chunk = await asyncio.wait_for(stream.read(), 30)
+        assert chunk, "EOF on client %d" % i
+        got += chunk
+    assert got == msg
+    return stream
+
+
 async def another_round(pki, address):
     """1,000 more concurrent sessions with an echo stream each, then all closed."""
     gate = asyncio.Semaphore(64)
@@ -72,16 +86,7 @@ async def another_round(pki, address):
     async def one(i):
         async with gate:
             client = await connect_as(pki, address)
-        stream = await client.open("", "echo", "rw")
-        msg = b"client %d says hi" % i
-        await stream.write(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = await asyncio.wait_for(stream.read(), 30)
-            assert chunk, "EOF on client %d" % i
-            got += chunk
-        assert got == msg
-        return client, stream
+        return client, await echo_hello(client, i)
 
     pairs = await asyncio.gather(*(one(i) for i in range(CLIENTS)), return_exceptions=True)
     ok = [p for p in pairs if not isinstance(p, BaseException)]
@@ -119,20 +124,8 @@ def test_1000_concurrent_tls_clients_each_with_an_echo_stream(pki, tmp_path):
             rss_connected = rss_kib(pid)
             open_fds = fds(pid)
 
-            async def exchange(i, client):
-                stream = await client.open("", "echo", "rw")
-                msg = b"client %d says hi" % i
-                await stream.write(msg)
-                got = b""
-                while len(got) < len(msg):
-                    chunk = await asyncio.wait_for(stream.read(), 30)
-                    assert chunk, "EOF on client %d" % i
-                    got += chunk
-                assert got == msg
-                return stream
-
             t1 = time.monotonic()
-            streams = await asyncio.gather(*(exchange(i, c) for i, c in enumerate(clients)),
+            streams = await asyncio.gather(*(echo_hello(c, i) for i, c in enumerate(clients)),
                                            return_exceptions=True)
             exchanged = time.monotonic() - t1
             bad = [s for s in streams if isinstance(s, BaseException)]
@@ -190,20 +183,8 @@ def test_10000_streams_on_one_session_and_the_stream_limit(pki, tmp_path):
             streams = []
             t0 = time.monotonic()
 
-            async def one(i):
-                stream = await client.open("", "echo", "rw")
-                msg = b"%d" % i
-                await stream.write(msg)
-                got = b""
-                while len(got) < len(msg):
-                    chunk = await asyncio.wait_for(stream.read(), 30)
-                    assert chunk
-                    got += chunk
-                assert got == msg
-                return stream
-
             for base in range(0, STREAMS, WAVE):  # opened in waves; all stay open
-                wave = await asyncio.gather(*(one(i) for i in range(base, base + WAVE)),
+                wave = await asyncio.gather(*(echo_hello(client, i) for i in range(base, base + WAVE)),
                                             return_exceptions=True)
                 bad = [s for s in wave if isinstance(s, BaseException)]
                 assert not bad, "wave %d: %d failed, first: %r" % (base, len(bad), bad[0])
