@@ -4,8 +4,10 @@
     python3 bench/peers.py [--seconds 3] [--rounds 1] [--idle-streams 10000]
                            [--paths direct,ssh,ssh-aes128-gcm,stunnel,vproxy] [--json FILE]
 
-The script starts everything itself, on 127.0.0.1 only, and stops and deletes it all
-when it ends (or is interrupted):
+The script installs what is missing (openssh-server, openssh-client, stunnel4, with
+apt-get when run as root; otherwise it says what to install), starts everything
+itself, on 127.0.0.1 only, and stops and deletes it all when it ends (or is
+interrupted):
 - a target server (child process): sink, source and echo over plain TCP;
 - a throwaway sshd (/usr/sbin/sshd -D -f <generated config>, generated host and user
   keys, a high port, loopback only, key login for the current user) and two
@@ -224,6 +226,31 @@ class Children:
 
 
 # --------------------------------------------------------------------------- peers
+
+# what each path needs: (program, the Debian package that has it)
+NEEDS = {
+    "ssh": [(SSHD, "openssh-server"), ("ssh", "openssh-client")],
+    "ssh-aes128-gcm": [(SSHD, "openssh-server"), ("ssh", "openssh-client")],
+    "stunnel": [("stunnel4", "stunnel4")],
+}
+
+
+def install_peers(paths: List[str]) -> None:
+    """Install the peers' programs that are missing (apt-get, as root), or say how."""
+    missing = sorted({package for path in paths for program, package in NEEDS.get(path, [])
+                      if not (os.path.exists(program) if "/" in program else shutil.which(program))})
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit("peers.py: missing %s: install them (apt-get install %s), or leave "
+                         "their paths out with --paths" % (", ".join(missing), " ".join(missing)))
+    print("installing %s ..." % ", ".join(missing), file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    done = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends"] + missing,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise SystemExit("peers.py: apt-get install %s failed:\n%s" % (" ".join(missing), done.stdout[-2000:]))
+
 
 def start_target(children: Children, work: str) -> int:
     proc = children.start([sys.executable, "-c", TARGET_SERVER], os.path.join(work, "target.log"),
@@ -633,6 +660,7 @@ def main() -> int:
     if unknown:
         parser.error("unknown paths: %s" % ", ".join(sorted(unknown)))
 
+    install_peers(paths)
     # SIGTERM ends like Ctrl-C: through the finally below, which stops every child
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     children = Children()
