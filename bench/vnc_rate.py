@@ -12,8 +12,9 @@ when it ends (or is interrupted):
   socket and `-vnc 127.0.0.1:N`: QEMU's own VNC server, the "direct" path;
 - a vproxy agent (`vproxy serve`, mutual TLS, a test PKI from tests/pkitools.py) that
   serves this VM; the "vproxy" path opens the VM's `vnc` channel through vproxy.api;
-- when sshd is installed, the throwaway sshd and `ssh -N -L` clients of bench/peers.py
-  (OpenSSH's default cipher and aes128-gcm), forwarding to QEMU's VNC port.
+- the throwaway sshd and `ssh -N -L` clients of bench/peers.py (OpenSSH's default
+  cipher and aes128-gcm), forwarding to QEMU's VNC port; installed with apt-get as
+  root when missing, left out when they cannot be.
 
 On every path the same minimal RFB 3.8 client (the handshake of vproxy.api, which the
 screenshots use: security None, 32-bit true colour, SetEncodings [raw]) asks for
@@ -302,7 +303,7 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated numbers of update requests kept in flight")
     parser.add_argument("--paths", default=",".join(PATHS),
                         help="comma-separated subset of " + ", ".join(PATHS)
-                        + " (the ssh paths are skipped when sshd is missing)")
+                        + " (the ssh paths are left out when sshd cannot be installed)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                         help="QEMU accelerator (auto: KVM when it works, else TCG)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw figures here")
@@ -311,6 +312,10 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.paths) - set(PATHS)
     if unknown:
         parser.error("unknown paths: %s" % ", ".join(sorted(unknown)))
+    try:
+        peers.install_peers(args.paths)  # sshd and ssh, with apt-get as root
+    except SystemExit as e:
+        print("%s; measuring without the ssh paths" % e, file=sys.stderr)
     if not os.path.exists(peers.SSHD) or not shutil.which("ssh"):
         args.paths = [p for p in args.paths if not p.startswith("ssh")]
     args.inflight = [int(k) for k in args.inflight.split(",") if k.strip()]
