@@ -228,3 +228,105 @@ def test_a_reload_says_resume_prelaunch_needs_a_restart(tmp_path):
     load = make_reloader(str(config), {}, (), (), None, False, started={},
                          overridden=["resume_prelaunch"])
     assert "resume_prelaunch" not in load().needs_restart
+
+
+# --------------------------------------------------------------------------- sessions per identity
+
+async def _wait_for(predicate, seconds=5.0):
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    assert predicate()
+
+
+def test_sessions_of_one_identity_beyond_its_limit_are_refused_with_a_reason(pki):
+    async def main():
+        agent = await started_agent(pki, max_sessions_per_identity=2)
+        address = agent.addresses[0]
+
+        def as_(pair):
+            return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost",
+                           timeout=5)
+
+        first = await as_(pki.alice)
+        second = await as_(pki.alice)
+        with pytest.raises(UserError) as info:
+            await as_(pki.alice)
+        message = info.value.message
+        assert "refused the session" in message and "OVERLOADED" in message, message
+        assert "too many sessions for alice: this agent serves at most 2 at once per identity" \
+            in message, message
+        bob = await as_(pki.bob)  # another identity still gets in
+        stream = await bob.open("", "echo")
+        await stream.write(b"bob")
+        assert await stream.read() == b"bob"
+        assert len(agent.sessions) == 3
+        # closing one of alice's lets her in again
+        await first.close()
+        await _wait_for(lambda: len(agent.sessions) == 2)
+        third = await as_(pki.alice)
+        with pytest.raises(UserError):
+            await as_(pki.alice)
+        for client in (second, third, bob):
+            await client.close()
+        await _wait_for(lambda: not agent.sessions)
+        assert agent.sessions_per_identity == {}
+        await agent.shutdown(drain_timeout=1)
+    run(main())
+
+
+def test_max_sessions_per_identity_config_key_and_flag(pki, tmp_path):
+    """The key must be a positive int; the flag reaches the agent and beats the file."""
+    from vproxy.config import parse_agent_config
+
+    assert "max_sessions_per_identity" not in parse_agent_config({}).settings  # no limit
+    assert parse_agent_config({"max_sessions_per_identity": 3}).settings == {
+        "max_sessions_per_identity": 3}
+    for bad, why in ((0, "must be positive"), (-1, "must be positive"),
+                     (True, "wrong type"), ("2", "wrong type"), (2.0, "wrong type")):
+        with pytest.raises(UserError) as info:
+            parse_agent_config({"max_sessions_per_identity": bad}, "agent.toml")
+        assert "max_sessions_per_identity" in info.value.message and why in info.value.message
+
+    config = tmp_path / "agent.toml"
+    config.write_text("max_sessions_per_identity = 5\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vproxy", "serve", "--listen", "127.0.0.1:0", "--config", str(config),
+         "--cert", pki.server.cert, "--key", pki.server.key, "--ca", pki.ca, "--crl", pki.crl,
+         "--max-sessions-per-identity", "1"],
+        stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        line = agent.stderr.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        address = line.split("listening on ")[1].strip()
+
+        async def main():
+            held = await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
+                                 server_name="localhost", timeout=10)
+            with pytest.raises(UserError) as info:
+                await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
+                              server_name="localhost", timeout=10)
+            assert "at most 1 at once per identity" in info.value.message
+            await held.close()
+        run(main())
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert agent.returncode == 0
+
+
+def test_a_reload_says_max_sessions_per_identity_needs_a_restart(tmp_path):
+    from vproxy.cli.serving import make_reloader
+
+    config = tmp_path / "agent.toml"
+    config.write_text("max_sessions_per_identity = 3\n")
+    load = make_reloader(str(config), {}, (), (), None, False, started={})
+    assert "max_sessions_per_identity" in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False,
+                         started={"max_sessions_per_identity": 3})
+    assert "max_sessions_per_identity" not in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False, started={},
+                         overridden=["max_sessions_per_identity"])
+    assert "max_sessions_per_identity" not in load().needs_restart

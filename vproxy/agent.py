@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import memory, mux, tls, transport
 from .errors import ChannelRefused, SessionClosed, StreamReset
@@ -46,6 +46,7 @@ class AgentConfig:
     drain_timeout: float = 10.0  # on shutdown: how long open streams may finish
     metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
     max_sessions: int = 4096  # more concurrent sessions are ended at once with a reason
+    max_sessions_per_identity: Optional[int] = None  # the same, per identity (None: no limit)
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
 
 
@@ -56,6 +57,7 @@ class AgentSession(Session):
         super().__init__(client=False, config=agent.config.mux_config,
                          on_open=self._dispatch, name="session")
         self.agent = agent
+        self._identity_key: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -71,24 +73,43 @@ class AgentSession(Session):
             transport.abort()
             return
         self.name = "session %s from %s" % (self.peer_identity, self.peer_label(peer))
-        limit = self.agent.config.max_sessions
-        if len(self.agent.sessions) >= limit:
-            super().connection_made(transport)
-            message = "too many sessions: this agent serves at most %d at once" % limit
-            log.warning("%s: refused: %s", self.name, message)
-            self._conn.goaway(mux.ErrorCode.OVERLOADED, message)
-            self.close(message)
+        agent = self.agent
+        limit = agent.config.max_sessions
+        per_identity = agent.config.max_sessions_per_identity
+        key = _identity_key(self.peer_identity)
+        if len(agent.sessions) >= limit:
+            self._refuse("too many sessions: this agent serves at most %d at once" % limit,
+                         transport)
+            return
+        if per_identity is not None and agent.sessions_per_identity.get(key, 0) >= per_identity:
+            self._refuse("too many sessions for %s: this agent serves at most %d at once "
+                         "per identity" % (self.peer_identity, per_identity), transport)
             return
         log.info("%s: connected", self.name)
-        self.agent.sessions.add(self)
+        agent.sessions.add(self)
+        agent.sessions_per_identity[key] = agent.sessions_per_identity.get(key, 0) + 1
+        self._identity_key = key
         self.closed.add_done_callback(lambda _: self._gone())
         super().connection_made(transport)
+
+    def _refuse(self, message: str, transport: asyncio.BaseTransport) -> None:
+        """Too many sessions: GOAWAY OVERLOADED with message, then close."""
+        super().connection_made(transport)
+        log.warning("%s: refused: %s", self.name, message)
+        self._conn.goaway(mux.ErrorCode.OVERLOADED, message)
+        self.close(message)
 
     def peer_label(self, peer) -> str:
         return _addr(peer)
 
     def _gone(self) -> None:
         self.agent.sessions.discard(self)
+        counts = self.agent.sessions_per_identity
+        left = counts.get(self._identity_key, 0) - 1
+        if left > 0:
+            counts[self._identity_key] = left
+        else:
+            counts.pop(self._identity_key, None)
         if not self.agent.sessions:
             self.agent.idle()
         log.info("%s: closed: %s", self.name, self.close_reason)
@@ -114,6 +135,7 @@ class Agent:
         self.acl = acl
         self.registry = None  # vproxy.qemu.vms.VMRegistry, when VMs are configured
         self.sessions: "set[AgentSession]" = set()
+        self.sessions_per_identity: Dict[Any, int] = {}  # live sessions of each identity
         self.streams: "set[Stream]" = set()  # accepted and not yet ended (reload, metrics)
         self.metrics = Metrics()
         self.metrics_server = None  # vproxy.metrics.MetricsServer, with config.metrics
@@ -327,6 +349,12 @@ def _quote(text: str) -> str:
     if text and all(33 <= ord(c) < 127 and c not in '"\\' for c in text):
         return text
     return '"%s"' % text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+def _identity_key(identity) -> Tuple[str, str]:
+    """Sessions of one identity, for max_sessions_per_identity: as audit lines name it
+    (a certificate's CN or first SAN; a local uid), never mixing TLS and local peers."""
+    return (type(identity).__name__, str(identity))
 
 
 def _addr(sockname) -> str:

@@ -77,6 +77,9 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Resume (QMP cont) a VM whose QEMU was started with -S and never ran, once "
                    "its consoles are taken over, so that boot output is captured from the "
                    "first byte. Not for VMs something else resumes (libvirt). [default: off]")
+@click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
+              help="Refuse a client identity more than N concurrent sessions (GOAWAY "
+                   "OVERLOADED, naming the identity and the limit). [default: no limit]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Log lines as text, or as one JSON object per line. [default: text]")
 @click.option("--audit-log", type=click.Path(dir_okay=False), metavar="FILE",
@@ -85,8 +88,8 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Also listen on the unix socket PATH, without TLS, for local users: the "
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
-          handshake_timeout, drain_timeout, metrics, resume_prelaunch, log_format, audit_log,
-          local_socket, **tls_args) -> None:
+          handshake_timeout, drain_timeout, metrics, resume_prelaunch, max_sessions_per_identity,
+          log_format, audit_log, local_socket, **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
     Access is denied unless an ACL rule (config file, or --allow) grants it. The
@@ -112,7 +115,8 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
     overridden = {k for k, v in (("listen", listen), ("vm_dir", vm_dir), ("console_ring", console_ring),
                                  ("console_log_dir", console_log_dir), ("audit_log", audit_log),
                                  ("handshake_timeout", handshake_timeout), ("metrics", metrics),
-                                 ("log_format", log_format), ("local_socket", local_socket)) if v}
+                                 ("log_format", log_format), ("local_socket", local_socket),
+                                 ("max_sessions_per_identity", max_sessions_per_identity)) if v}
     if resume_prelaunch is not None:
         overridden.add("resume_prelaunch")
     for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
@@ -144,6 +148,8 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         console_ring=console_ring or settings.get("console_ring", 1 << 20),
         console_log_dir=console_log_dir or settings.get("console_log_dir"),
         max_sessions=settings.get("max_sessions", 4096),
+        max_sessions_per_identity=(max_sessions_per_identity
+                                   or settings.get("max_sessions_per_identity")),
         resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
                           else settings.get("resume_prelaunch", False)),
         mux_config=mux_config(settings),
