@@ -186,6 +186,16 @@ def make_self_signed(out_dir: Path, name: str = "alice") -> CertPair:
     return CertPair(str(cert_path), str(key_path))
 
 
+def issue_expiring(pki_dir: Path, name: str, seconds: float,
+                   out_dir: Optional[Path] = None) -> CertPair:
+    """A client certificate CN name from the CA in pki_dir whose validity ends `seconds`
+    from now (to the second: X.509 times have no fractions), and began a day before
+    that. Issue into a PKI of the test's own, not the session-wide one."""
+    not_after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    return _pair(vpki.issue(pki_dir, name, "client", days=1,
+                            valid_from=not_after - dt.timedelta(days=1), out_dir=out_dir))
+
+
 def make_pki(tmp_path: Path) -> TestPki:
     """Build the whole test PKI under tmp_path (takes well under a second)."""
     tmp_path = Path(tmp_path)

@@ -230,6 +230,114 @@ def test_a_reload_says_resume_prelaunch_needs_a_restart(tmp_path):
     assert "resume_prelaunch" not in load().needs_restart
 
 
+# --------------------------------------------------------------------------- certificate expiry
+
+def _not_after(cert_path) -> float:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(open(cert_path, "rb").read())
+    value = getattr(cert, "not_valid_after_utc", None)
+    if value is None:  # cryptography < 42: naive UTC
+        import datetime as dt
+
+        value = cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()
+
+
+def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
+    """A certificate valid at the handshake does not keep its session past notAfter:
+    the agent ends it (GOAWAY SHUTDOWN naming the certificate and the time, one log
+    line); a session with a certificate still valid, on the same agent, lives on."""
+    import time
+
+    from pkitools import issue_expiring
+    from vproxy import pki as vpki
+    from vproxy.agent import EXPIRY_RECHECK
+    from vproxy.errors import SessionClosed
+
+    ca_dir = tmp_path / "ca"  # a CA of the test's own: the session-wide one is not to be changed
+    vpki.init_ca(ca_dir, common_name="expiry test CA")
+    ca = str(ca_dir / "ca.pem")
+    server = vpki.issue(ca_dir, "localhost", "server", dns_names=["localhost"],
+                       ip_addresses=["127.0.0.1"])
+    bob_cert, bob_key = map(str, vpki.issue(ca_dir, "bob", "client"))
+
+    async def main():
+        agent = Agent(AgentConfig(listen_port=0, cert=str(server[0]), key=str(server[1]), ca=ca))
+        await agent.start()
+        address = agent.addresses[0]
+        bob = await connect(address, bob_cert, bob_key, ca, server_name="localhost")
+        alice_pair = issue_expiring(ca_dir, "alice", 4)
+        not_after = _not_after(alice_pair.cert)
+        alice = await connect(address, alice_pair.cert, alice_pair.key, ca,
+                              server_name="localhost", timeout=3)
+        a_echo = await alice.open("", "echo")
+        b_echo = await bob.open("", "echo")
+        await a_echo.write(b"before")
+        assert await a_echo.read() == b"before"
+
+        # a long-lived certificate is looked at again within a day, not at its far notAfter
+        loop = asyncio.get_event_loop()
+        (b_side,) = [s for s in agent.sessions if str(s.peer_identity) == "bob"]
+        assert b_side._expiry_timer.when() - loop.time() <= EXPIRY_RECHECK + 1
+
+        with pytest.raises(SessionClosed) as info:
+            while True:  # the stream lives until the certificate's end, then the session ends
+                await asyncio.wait_for(a_echo.read(), not_after - time.time() + 5)
+        ended = time.time()
+        expected = "your certificate (CN alice) expired at %s" % time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
+        assert expected in str(info.value), info.value
+        assert "SHUTDOWN" in str(info.value)
+        assert not_after < ended < not_after + 3, (not_after, ended)
+        assert expected in await alice.session.wait_closed()
+
+        # bob, on the same agent, goes on
+        await b_echo.write(b"bob goes on")
+        assert await b_echo.read() == b"bob goes on"
+        assert [str(s.peer_identity) for s in agent.sessions] == ["bob"]
+        await bob.close()
+        await alice.close()
+        await b_side.wait_closed()
+        assert b_side._expiry_timer is None  # cancelled with its session: nothing holds it
+        await agent.shutdown(drain_timeout=1)
+
+    with caplog.at_level(logging.INFO, logger="vproxy.agent"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "vproxy.agent"
+             and r.levelno >= logging.WARNING and "expired at" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line says why (then the usual "closed: ..." at INFO)
+    assert "ending the session: your certificate (CN alice) expired at" in lines[0]
+
+
+def test_local_sessions_have_no_certificate_to_expire(pki):
+    """Local mode (SO_PEERCRED, no TLS): nothing is scheduled, the session is untouched."""
+    import shutil
+    import tempfile
+
+    from vproxy.localmode import connect_local
+
+    where = tempfile.mkdtemp(prefix="vpx")
+    path = os.path.join(where, "agent.sock")
+
+    async def main():
+        agent = Agent(AgentConfig(local_socket=path))
+        await agent.start()
+        client = await connect_local(path)
+        (session,) = agent.sessions
+        assert session._expiry_timer is None and session._not_after is None
+        stream = await client.open("", "echo")
+        await stream.write(b"local")
+        assert await stream.read() == b"local"
+        await client.close()
+        await agent.shutdown(drain_timeout=1)
+
+    try:
+        run(main())
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- sessions per identity
 
 async def _wait_for(predicate, seconds=5.0):

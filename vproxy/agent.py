@@ -26,6 +26,8 @@ HANDSHAKE_TIMEOUT = 5.0  # a TLS handshake that takes longer is dropped
 RELEASE_DELAY = 15.0  # idle this long after the last session ended: memory.release().
 # Not at once: clients that reconnect right away would make every drop to zero
 # sessions pay for a trim (40-65 ms of a blocked loop after 1,000 sessions).
+EXPIRY_RECHECK = 86400.0  # a session whose certificate expires later looks again daily:
+# the wall clock may be set meanwhile, and loop timers run on the monotonic clock.
 
 
 @dataclass
@@ -58,6 +60,8 @@ class AgentSession(Session):
                          on_open=self._dispatch, name="session")
         self.agent = agent
         self._identity_key: Any = None
+        self._not_after: Optional[float] = None  # the client certificate's, epoch seconds
+        self._expiry_timer: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -91,6 +95,8 @@ class AgentSession(Session):
         self._identity_key = key
         self.closed.add_done_callback(lambda _: self._gone())
         super().connection_made(transport)
+        if ssl_object is not None:
+            self._watch_expiry(ssl_object)
 
     def _refuse(self, message: str, transport: asyncio.BaseTransport) -> None:
         """Too many sessions: GOAWAY OVERLOADED with message, then close."""
@@ -103,6 +109,9 @@ class AgentSession(Session):
         return _addr(peer)
 
     def _gone(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()  # it holds the session for up to a day
+            self._expiry_timer = None
         self.agent.sessions.discard(self)
         counts = self.agent.sessions_per_identity
         left = counts.get(self._identity_key, 0) - 1
@@ -122,6 +131,34 @@ class AgentSession(Session):
         log.warning("%s: ending the session: %s", self.name, message)
         self._conn.goaway(mux.ErrorCode.SHUTDOWN, message)
         self.close(message)
+
+    # -- the end of the peer's certificate -----------------------------------------------
+
+    def _watch_expiry(self, ssl_object) -> None:
+        """End the session when the client certificate it was admitted with expires."""
+        self._not_after = tls.not_after(ssl_object)
+        if self._not_after is None:
+            log.warning("%s: cannot read the expiry of the peer's certificate", self.name)
+            return
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        left = self._not_after - time.time()  # type: ignore[operator]
+        # valid through notAfter (RFC 5280): end just after it; at most a day ahead
+        delay = min(max(left, 0.0) + 0.05, EXPIRY_RECHECK)
+        self._expiry_timer = self._loop.call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        self._expiry_timer = None
+        if self.closed.done():
+            return
+        if time.time() <= self._not_after:  # type: ignore[operator]
+            self._schedule_expiry()  # early (a daily look, or the clock was set back)
+            return
+        identity = self.peer_identity
+        who = "CN %s" % identity.common_name if identity.common_name else str(identity)
+        self.end("your certificate (%s) expired at %s" % (
+            who, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._not_after))))
 
 
 class Agent:

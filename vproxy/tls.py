@@ -235,6 +235,18 @@ def identity_of(ssl_object: Any) -> Identity:
     return identity_from_peercert(peercert)
 
 
+def not_after(ssl_object: Any) -> Optional[float]:
+    """When the peer's (verified) certificate expires, in seconds since the epoch (UTC);
+    None if there is no certificate or its date cannot be read."""
+    value = (ssl_object.getpeercert() or {}).get("notAfter")
+    if not value:
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(value))
+    except ValueError:
+        return None
+
+
 def check_alpn(ssl_object: Any) -> None:
     """Raise AlpnMismatch unless the handshake agreed on ALPN "vproxy/1"."""
     selected = ssl_object.selected_alpn_protocol()
