@@ -425,16 +425,15 @@ def test_max_sessions_per_identity_config_key_and_flag(pki, tmp_path):
     assert agent.returncode == 0
 
 
-def test_a_reload_says_max_sessions_per_identity_needs_a_restart(tmp_path):
+@pytest.mark.parametrize("key", ["max_sessions", "max_sessions_per_identity", "max_streams"])
+def test_a_reload_says_a_session_limit_needs_a_restart(tmp_path, key):
     from vproxy.cli.serving import make_reloader
 
     config = tmp_path / "agent.toml"
-    config.write_text("max_sessions_per_identity = 3\n")
+    config.write_text("%s = 3\n" % key)
     load = make_reloader(str(config), {}, (), (), None, False, started={})
-    assert "max_sessions_per_identity" in load().needs_restart
-    load = make_reloader(str(config), {}, (), (), None, False,
-                         started={"max_sessions_per_identity": 3})
-    assert "max_sessions_per_identity" not in load().needs_restart
-    load = make_reloader(str(config), {}, (), (), None, False, started={},
-                         overridden=["max_sessions_per_identity"])
-    assert "max_sessions_per_identity" not in load().needs_restart
+    assert key in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False, started={key: 3})
+    assert key not in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False, started={}, overridden=[key])
+    assert key not in load().needs_restart
