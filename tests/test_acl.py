@@ -96,3 +96,52 @@ def test_hotplug_and_force_need_their_own_grant():
     with pytest.raises(ChannelRefused) as info:
         acl.check(who("dev"), req("vm1", "console", "force"))
     assert "mode force is not granted" in info.value.message
+
+
+# --------------------------------------------------------------------------- bench (built-ins)
+
+BENCH_ACL = Acl([
+    Rule(("alice",), ("web*",), ("console", "bench"), ("ro",)),   # bench whatever vms, modes
+    Rule(("carol",), ("*",), ("bench:echo",), ("rw",)),            # only echo
+    Rule(("admin",), ("*",), ("*",), ("force", "hotplug")),        # what --allow makes
+    Rule(("webops",), ("web*",), ("*",), ("rw",)),                 # "*" on some VMs only
+    Rule(("monitor",), ("*",), ("bench",), ("rw",)),               # bench and nothing else
+])
+
+
+@pytest.mark.parametrize("name, channel, granted", [
+    ("alice", "sink", True), ("alice", "source", True), ("alice", "echo", True),
+    ("carol", "echo", True), ("carol", "source", False), ("carol", "sink", False),
+    ("admin", "source", True),
+    ("webops", "echo", False),
+    ("monitor", "source", True),
+    ("bob", "echo", False),
+])
+def test_bench_grants(name, channel, granted):
+    assert BENCH_ACL.allows_bench(who(name), channel) is granted
+
+
+def test_bench_entries_grant_no_vm_and_show_none():
+    """A bench-only rule opens nothing of a VM and makes no VM visible in `vproxy ls`;
+    "bench" is not a VM's channel whatever the rule."""
+    assert not BENCH_ACL.allows(who("monitor"), req("web1", "console"))
+    assert BENCH_ACL.visible_vms(who("monitor"), ["web1", "db1"]) == []
+    assert BENCH_ACL.visible_vms(who("alice"), ["web1", "db1"]) == ["web1"]
+    assert not BENCH_ACL.allows(who("admin"), req("web1", "bench"))
+    assert BENCH_ACL.allows(who("admin"), req("web1", "vnc", "force"))
+
+
+def test_config_file_accepts_bench_entries():
+    cfg = parse_agent_config({"allow": [{"identities": ["ci-*"], "channels": ["bench:e*"]}],
+                              "builtin_channels": "acl"})
+    assert cfg.settings["builtin_channels"] == "acl"
+    assert cfg.acl.allows_bench(who("ci-1"), "echo")
+    assert not cfg.acl.allows_bench(who("ci-1"), "source")
+    for bad in ("ACL", "none", ""):
+        with pytest.raises(UserError) as info:
+            parse_agent_config({"builtin_channels": bad}, "agent.toml")
+        assert info.value.message == ('agent.toml: builtin_channels must be "everyone", "acl" or '
+                                      '"off", not %r' % bad)
+    with pytest.raises(UserError) as info:
+        parse_agent_config({"builtin_channels": True}, "agent.toml")
+    assert "builtin_channels has the wrong type (bool)" in info.value.message

@@ -437,3 +437,108 @@ def test_a_reload_says_a_session_limit_needs_a_restart(tmp_path, key):
     assert key not in load().needs_restart
     load = make_reloader(str(config), {}, (), (), None, False, started={}, overridden=[key])
     assert key not in load().needs_restart
+
+
+# --------------------------------------------------------------------------- builtin_channels
+
+def test_builtin_channels_everyone_acl_and_off(pki, caplog):
+    """everyone (the default): any client; acl: the identities a rule grants "bench";
+    off: nobody. A refusal is FORBIDDEN, says who, what and why, and is audited at INFO;
+    `ls` stays open whatever the setting."""
+    from vproxy.acl import Acl, Rule
+
+    acl = Acl([Rule(("alice",), ("*",), ("bench",), ("rw",)),
+               Rule(("bob",), ("web*",), ("*",), ("force",))])  # bob: VMs, no bench
+
+    async def echo(client, name="echo"):
+        stream = await client.open("", name, options={"bytes": "3"} if name == "source" else None)
+        if name == "echo":
+            await stream.write(b"hi")
+            assert await stream.read() == b"hi"
+        await stream.close()
+
+    async def main():
+        for policy in ("everyone", "acl", "off"):
+            kw = {} if policy == "everyone" else {"builtin_channels": policy}
+            agent = await started_agent(pki, **kw)
+            agent.acl = acl
+            address = agent.addresses[0]
+            alice = await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
+                                  server_name="localhost")
+            bob = await connect(address, pki.bob.cert, pki.bob.key, pki.ca,
+                                server_name="localhost")
+            for client, name in ((alice, "alice"), (bob, "bob")):
+                assert await client.list_vms() == []  # ls: open, and no VMs here
+                open_to = policy == "everyone" or (policy == "acl" and name == "alice")
+                for channel in ("echo", "sink", "source"):
+                    if open_to:
+                        await echo(client, channel)
+                        continue
+                    with pytest.raises(ChannelRefused) as info:
+                        await echo(client, channel)
+                    why = ("builtin_channels = off" if policy == "off"
+                           else 'builtin_channels = acl and no [[allow]] grants "bench"')
+                    assert info.value.code == RefuseCode.FORBIDDEN
+                    assert info.value.message == (
+                        "built-in channel %s is not open to %s on this agent (%s)"
+                        % (channel, name, why)), info.value.message
+                with pytest.raises(ChannelRefused) as info:  # not a built-in: still says so
+                    await client.open("", "nonsense")
+                assert info.value.code == RefuseCode.NO_SUCH_CHANNEL
+            await alice.close()
+            await bob.close()
+            await agent.shutdown(drain_timeout=1)
+
+    with caplog.at_level(logging.INFO, logger="vproxy.audit"):
+        run(main())
+    audit = [r.getMessage() for r in caplog.records
+             if r.name == "vproxy.audit" and r.levelno >= logging.INFO]
+    refused = [line for line in audit if "is not open to" in line]
+    # acl: bob x 3 channels; off: alice and bob x 3
+    assert len(refused) == 9, audit
+    assert any(line.startswith("identity=bob vm=- channel=source mode=rw result='refused: "
+                               "built-in channel source is not open to bob") for line in refused), refused
+    assert not any("result='ok'" in line for line in audit)  # successful bench opens: DEBUG
+
+
+def test_builtin_channels_unknown_value_is_refused_by_the_api(pki):
+    with pytest.raises(ValueError) as info:
+        Agent(AgentConfig(builtin_channels="ACL"))
+    assert "builtin_channels must be one of everyone, acl, off, not 'ACL'" in str(info.value)
+
+
+def test_builtin_channels_config_key_and_flag_and_bench(pki, tmp_path):
+    """The flag beats the file; `vproxy bench` against a closed agent says why in one
+    line (exit 2); a reload that finds the key changed says it needs a restart."""
+    from vproxy.cli.serving import make_reloader
+
+    config = tmp_path / "agent.toml"
+    config.write_text('builtin_channels = "everyone"\n')
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vproxy", "serve", "--listen", "127.0.0.1:0", "--config", str(config),
+         "--cert", pki.server.cert, "--key", pki.server.key, "--ca", pki.ca, "--crl", pki.crl,
+         "--builtin-channels", "off"],
+        stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        line = agent.stderr.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        address = line.split("listening on ")[1].strip()
+        out = subprocess.run(
+            [sys.executable, "-m", "vproxy", "bench", address, "--cert", pki.alice.cert,
+             "--key", pki.alice.key, "--ca", pki.ca, "--seconds", "0.2", "--json"],
+            capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 2, (out.returncode, out.stderr)
+        assert out.stderr == ("vproxy: error: %s refused: built-in channel sink is not open to "
+                              "alice on this agent (builtin_channels = off)\n" % address), out.stderr
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert agent.returncode == 0
+
+    config.write_text('builtin_channels = "acl"\n')
+    load = make_reloader(str(config), {}, (), (), None, False, started={})
+    assert "builtin_channels" in load().needs_restart
+    load = make_reloader(str(config), {}, (), (), None, False,
+                         started={"builtin_channels": "acl"})
+    assert "builtin_channels" not in load().needs_restart

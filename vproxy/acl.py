@@ -9,6 +9,14 @@ Deny by default. A request is allowed when one rule matches all of:
 - mode: the rule's `modes` grant it. "rw" includes "ro", "force" includes "rw" and
   "ro"; "hotplug" (adding a new guest channel) is granted only by name.
 
+The kind "bench" names the agent's built-in channels (sink, source, echo: no VM),
+which the agent puts under the ACL only with builtin_channels = "acl" (vproxy.agent).
+A rule grants them with the entry "bench" (all three) or "bench:NAME-GLOB", whatever
+its `vms` and `modes` (the built-in channels belong to no VM and have no modes), or
+with "*" (channels unspecified) when its `vms` include "*": a rule for every channel
+of every VM, as --allow makes, grants bench too; "*" on some VMs only does not. A
+rule with only "bench" entries makes no VM visible in `vproxy ls`.
+
 Globs are fnmatch patterns, matched case-sensitively.
 """
 
@@ -21,7 +29,7 @@ from .mux import OpenRequest, RefuseCode
 
 MODES = ("ro", "rw", "force", "hotplug")
 _IMPLIES = {"ro": {"ro"}, "rw": {"ro", "rw"}, "force": {"ro", "rw", "force"}, "hotplug": {"hotplug"}}
-CHANNEL_KINDS = ("console", "channel", "vnc")
+CHANNEL_KINDS = ("console", "channel", "vnc", "bench")
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,10 @@ class Rule:
         return any(fnmatchcase(vm, g) for g in self.vms)
 
     def matches_channel(self, channel: str) -> bool:
+        """A VM's channel (console, console:ID, channel:NAME, vnc)."""
         kind, _, arg = channel.partition(":")
+        if kind == "bench":
+            return False  # not a VM's channel: see grants_bench
         for entry in self.channels:
             if entry == "*" or entry == kind:
                 return True
@@ -52,6 +63,21 @@ class Rule:
             if e_kind == kind and arg and fnmatchcase(arg, e_arg):
                 return True
         return False
+
+
+    def grants_bench(self, name: str) -> bool:
+        """Whether this rule opens the built-in channel `name` (sink, source, echo)."""
+        for entry in self.channels:
+            if entry == "bench" or (entry == "*" and "*" in self.vms):
+                return True
+            kind, _, arg = entry.partition(":")
+            if kind == "bench" and arg and fnmatchcase(name, arg):
+                return True
+        return False
+
+    def grants_vms(self) -> bool:
+        """Whether this rule names any channel of a VM (not only bench entries)."""
+        return any(entry.partition(":")[0] != "bench" for entry in self.channels)
 
 
 class Acl:
@@ -82,10 +108,15 @@ class Acl:
         raise ChannelRefused(RefuseCode.FORBIDDEN, "%s may not open %s of VM %s: %s"
                              % (identity, request.channel, request.vm, why))
 
+    def allows_bench(self, identity, name: str) -> bool:
+        """Whether a rule grants `identity` the built-in channel `name` (kind "bench")."""
+        names = identity.names() if hasattr(identity, "names") else (str(identity),)
+        return any(r.matches_identity(names) and r.grants_bench(name) for r in self.rules)
+
     def visible_vms(self, identity, names: Iterable[str]) -> List[str]:
         """The VMs an identity may open anything on (what `vproxy ls` shows it)."""
         ids = identity.names() if hasattr(identity, "names") else (str(identity),)
-        rules = [r for r in self.rules if r.matches_identity(ids)]
+        rules = [r for r in self.rules if r.matches_identity(ids) and r.grants_vms()]
         return [vm for vm in names if any(r.matches_vm(vm) for r in rules)]
 
 
@@ -114,6 +145,7 @@ def rule_from_dict(data: dict, where: str) -> Rule:
     channels = strings("channels", ["*"])
     for entry in channels:
         if entry != "*" and entry.partition(":")[0] not in CHANNEL_KINDS:
-            raise UserError("%s: unknown channel %r (console, console:ID, channel, channel:NAME, vnc or *)"
+            raise UserError("%s: unknown channel %r (console, console:ID, channel, channel:NAME, vnc, "
+                            "bench, bench:NAME or *)"
                             % (where, entry))
     return Rule(strings("identities", None), strings("vms", ["*"]), channels, modes)

@@ -26,6 +26,8 @@ HANDSHAKE_TIMEOUT = 5.0  # a TLS handshake that takes longer is dropped
 RELEASE_DELAY = 15.0  # idle this long after the last session ended: memory.release().
 # Not at once: clients that reconnect right away would make every drop to zero
 # sessions pay for a trim (40-65 ms of a blocked loop after 1,000 sessions).
+BUILTIN_POLICIES = ("everyone", "acl", "off")  # builtin_channels: every client, the
+# identities an [[allow]] rule grants "bench", or nobody. `ls` stays open to every client.
 EXPIRY_RECHECK = 86400.0  # a session whose certificate expires later looks again daily:
 # the wall clock may be set meanwhile, and loop timers run on the monotonic clock.
 
@@ -49,6 +51,7 @@ class AgentConfig:
     metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
     max_sessions: int = 4096  # more concurrent sessions are ended at once with a reason
     max_sessions_per_identity: Optional[int] = None  # the same, per identity (None: no limit)
+    builtin_channels: str = "everyone"  # who may open sink/source/echo: BUILTIN_POLICIES
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
 
 
@@ -164,6 +167,9 @@ class AgentSession(Session):
 class Agent:
     def __init__(self, config: AgentConfig, providers: Optional[dict] = None, acl: Any = None):
         """providers: maps "" (built-ins) and "vm" to provider objects."""
+        if config.builtin_channels not in BUILTIN_POLICIES:
+            raise ValueError("builtin_channels must be one of %s, not %r"
+                             % (", ".join(BUILTIN_POLICIES), config.builtin_channels))
         self.config = config
         from .builtin import BuiltinProvider
 
@@ -314,13 +320,18 @@ class Agent:
             acl = self.acl
             if request.vm:  # before anything else: say nothing about VMs to strangers
                 self._authorize(identity, request)
+            else:
+                self._authorize_builtin(identity, request)
             provider = self.providers.get("" if not request.vm else "vm")
             if provider is None:
                 raise ChannelRefused(RefuseCode.NO_SUCH_VM,
                                      "this agent serves no VMs (no QEMU configured)")
             channel = await provider.open(request, identity)
-            if request.vm and self.acl is not acl:  # reloaded meanwhile: ask the new ACL
-                self._authorize(identity, request)
+            if self.acl is not acl:  # reloaded meanwhile: ask the new ACL
+                if request.vm:
+                    self._authorize(identity, request)
+                else:
+                    self._authorize_builtin(identity, request)
         except ChannelRefused as e:
             result = "refused: %s" % e.message
             stream.refuse(e.code, e.message)
@@ -352,9 +363,28 @@ class Agent:
                                  "%s may not open %s: this agent has no ACL" % (identity, request.describe()))
         self.acl.check(identity, request)
 
+    def _authorize_builtin(self, identity, request) -> None:
+        """builtin_channels: raise ChannelRefused(FORBIDDEN) if `identity` may not open
+        the built-in channel of `request` (names that are no built-in channel pass: the
+        provider says there is no such channel)."""
+        from .builtin import NAMES
+
+        policy = self.config.builtin_channels
+        if policy == "everyone" or request.channel not in NAMES:
+            return
+        if policy == "acl":
+            if self.acl is not None and self.acl.allows_bench(identity, request.channel):
+                return
+            why = 'builtin_channels = acl and no [[allow]] grants "bench"'
+        else:
+            why = "builtin_channels = %s" % policy
+        raise ChannelRefused(RefuseCode.FORBIDDEN, "built-in channel %s is not open to %s on "
+                             "this agent (%s)" % (request.channel, identity, why))
+
     def _audit(self, identity, request, result, stream: Stream, started: float) -> None:
-        # built-in channels (bench traffic) are not access to a VM: debug level only
-        level = logging.INFO if request.vm else logging.DEBUG
+        # built-in channels (bench traffic) are not access to a VM: debug level only,
+        # but a refusal is worth a line like any other
+        level = logging.INFO if request.vm or result.startswith("refused") else logging.DEBUG
         duration = time.monotonic() - started
         audit_log.log(level,
             "identity=%s vm=%s channel=%s mode=%s result=%r in=%d out=%d duration=%.3f",

@@ -4,6 +4,8 @@
             count it received (decimal text) and closes
     source  writes `bytes` bytes (option, default unlimited until the client resets)
     echo    writes back everything it reads; half-closes when the client does
+
+Who may open them is the agent's business (AgentConfig.builtin_channels).
 """
 
 from typing import Dict

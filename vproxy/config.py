@@ -8,6 +8,7 @@
     audit_log = "/var/log/vproxy/audit.log"
     local_socket = "/run/vproxy/agent.sock"   # also serve local users, known by uid
     resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
+    builtin_channels = "acl"        # sink/source/echo: "everyone" (default), "acl", "off"
 
     [[vm]]
     name = "web1"
@@ -34,6 +35,7 @@ KEYS = {
     "console_log_dir": str, "max_sessions": int, "max_sessions_per_identity": int,
     "max_streams": int, "vm": list, "allow": list, "local_socket": str,
     "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
+    "builtin_channels": str,
 }
 
 
@@ -95,6 +97,9 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
             raise UserError("%s: %s must be positive" % (path, key))
     if out.settings.get("drain_timeout", 0) < 0:
         raise UserError("%s: drain_timeout must not be negative" % path)
+    if out.settings.get("builtin_channels", "everyone") not in ("everyone", "acl", "off"):
+        raise UserError("%s: builtin_channels must be \"everyone\", \"acl\" or \"off\", not %r"
+                        % (path, out.settings["builtin_channels"]))
     if out.settings.get("log_format", "text") not in ("text", "json"):
         raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
     return out

@@ -14,8 +14,9 @@ Rules kept here:
   "user:root", nothing more. (Root can read the agent's keys anyway; the ACL and the
   audit trail still say who did what.)
 - The socket is mode 0666: any local user may connect, the ACL decides what they get
-  (the built-in channels sink, source, echo and ls are open to every connection, as
-  they are to every certificate the CA signed). Restrict the directory to narrow it.
+  (the built-in channels sink, source, echo are open to every connection, as they are
+  to every certificate the CA signed, unless builtin_channels is "acl" or "off"; ls
+  always is). Restrict the directory to narrow it.
 - The credentials are those of the process that called connect(), read once.
 - A stale socket file (nothing answers) is replaced; a live one is an error.
 """

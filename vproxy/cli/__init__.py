@@ -80,6 +80,10 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
               help="Refuse a client identity more than N concurrent sessions (GOAWAY "
                    "OVERLOADED, naming the identity and the limit). [default: no limit]")
+@click.option("--builtin-channels", type=click.Choice(["everyone", "acl", "off"]), default=None,
+              help="Who may open the built-in channels sink, source and echo (vproxy bench): "
+                   "every client, the identities an ACL rule grants \"bench\", or nobody. "
+                   "[default: everyone]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Log lines as text, or as one JSON object per line. [default: text]")
 @click.option("--audit-log", type=click.Path(dir_okay=False), metavar="FILE",
@@ -89,12 +93,12 @@ def main(ctx: click.Context, verbose: int) -> None:
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
           handshake_timeout, drain_timeout, metrics, resume_prelaunch, max_sessions_per_identity,
-          log_format, audit_log, local_socket, **tls_args) -> None:
+          builtin_channels, log_format, audit_log, local_socket, **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
     Access is denied unless an ACL rule (config file, or --allow) grants it. The
     built-in channels sink, source and echo (used by `vproxy bench`) are open to any
-    client whose certificate the CA signed. SIGHUP reloads the certificates, CA, CRL,
+    client whose certificate the CA signed, unless --builtin-channels says otherwise. SIGHUP reloads the certificates, CA, CRL,
     ACL and VM list; SIGTERM drains.
 
     \b
@@ -116,7 +120,8 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
                                  ("console_log_dir", console_log_dir), ("audit_log", audit_log),
                                  ("handshake_timeout", handshake_timeout), ("metrics", metrics),
                                  ("log_format", log_format), ("local_socket", local_socket),
-                                 ("max_sessions_per_identity", max_sessions_per_identity)) if v}
+                                 ("max_sessions_per_identity", max_sessions_per_identity),
+                                 ("builtin_channels", builtin_channels)) if v}
     if resume_prelaunch is not None:
         overridden.add("resume_prelaunch")
     for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
@@ -150,6 +155,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         max_sessions=settings.get("max_sessions", 4096),
         max_sessions_per_identity=(max_sessions_per_identity
                                    or settings.get("max_sessions_per_identity")),
+        builtin_channels=builtin_channels or settings.get("builtin_channels", "everyone"),
         resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
                           else settings.get("resume_prelaunch", False)),
         mux_config=mux_config(settings),

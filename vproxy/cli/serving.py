@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
-from .common import EXIT_UNREACHABLE
+from .common import EXIT_UNREACHABLE, EXIT_USAGE
 
 
 async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "text",
@@ -97,7 +97,7 @@ def _no_reloader():
 # Settings a reload cannot change: a changed value is reported, and waits for a restart.
 RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log_dir",
                 "audit_log", "handshake_timeout", "metrics", "log_format", "resume_prelaunch",
-                "max_sessions", "max_sessions_per_identity", "max_streams")
+                "max_sessions", "max_sessions_per_identity", "max_streams", "builtin_channels")
 
 
 def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Sequence[str],
@@ -143,7 +143,7 @@ def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Se
 async def run_bench(target, seconds: float, streams: int, as_json: bool) -> int:
     """target: a vproxy.clientconfig.Target (cli.common.resolve_client)."""
     from .. import benchmark
-    from ..errors import SessionClosed
+    from ..errors import ChannelRefused, SessionClosed
 
     host = target.name
     client = await target.connect()
@@ -152,6 +152,9 @@ async def run_bench(target, seconds: float, streams: int, as_json: bool) -> int:
     except SessionClosed as e:
         click.echo("vproxy: error: the session to %s ended: %s" % (host, e.reason), err=True)
         return EXIT_UNREACHABLE
+    except ChannelRefused as e:  # builtin_channels = acl or off on that agent
+        click.echo("vproxy: error: %s refused: %s" % (host, e.message), err=True)
+        return EXIT_USAGE
     finally:
         await client.close()
     if as_json:
