@@ -20,7 +20,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import pytest
 
@@ -187,12 +187,15 @@ def make_self_signed(out_dir: Path, name: str = "alice") -> CertPair:
 
 
 def issue_expiring(pki_dir: Path, name: str, seconds: float,
-                   out_dir: Optional[Path] = None) -> CertPair:
-    """A client certificate CN name from the CA in pki_dir whose validity ends `seconds`
-    from now (to the second: X.509 times have no fractions), and began a day before
-    that. Issue into a PKI of the test's own, not the session-wide one."""
+                   out_dir: Optional[Path] = None, kind: str = "client",
+                   dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = ()) -> CertPair:
+    """A certificate (client by default; kind="server" for an agent, with its SANs) CN
+    name from the CA in pki_dir whose validity ends `seconds` from now (to the second:
+    X.509 times have no fractions), and began a day before that. Issue into a PKI of
+    the test's own, not the session-wide one."""
     not_after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
-    return _pair(vpki.issue(pki_dir, name, "client", days=1,
+    return _pair(vpki.issue(pki_dir, name, kind, dns_names=dns_names,
+                            ip_addresses=ip_addresses, days=1,
                             valid_from=not_after - dt.timedelta(days=1), out_dir=out_dir))
 
 

@@ -542,3 +542,101 @@ def test_builtin_channels_config_key_and_flag_and_bench(pki, tmp_path):
     load = make_reloader(str(config), {}, (), (), None, False,
                          started={"builtin_channels": "acl"})
     assert "builtin_channels" not in load().needs_restart
+
+
+# --------------------------------------------------------------------------- the agent's certificate
+
+def test_a_client_ends_its_session_when_the_agents_certificate_expires(tmp_path, caplog):
+    """The client watches the agent's certificate as the agent watches the client's:
+    at its notAfter the session ends with a reason naming it (streams see it, one log
+    line); a session to another agent, from the same process, lives on."""
+    import time
+
+    from pkitools import issue_expiring
+    from vproxy import pki as vpki
+    from vproxy.errors import SessionClosed
+
+    ca_dir = tmp_path / "ca"
+    vpki.init_ca(ca_dir, common_name="agent expiry test CA")
+    ca = str(ca_dir / "ca.pem")
+    lasting = vpki.issue(ca_dir, "localhost", "server", dns_names=["localhost"],
+                         ip_addresses=["127.0.0.1"])
+    alice_cert, alice_key = map(str, vpki.issue(ca_dir, "alice", "client"))
+
+    async def main():
+        other = Agent(AgentConfig(listen_port=0, cert=str(lasting[0]), key=str(lasting[1]), ca=ca))
+        await other.start()
+        to_other = await connect(other.addresses[0], alice_cert, alice_key, ca,
+                                 server_name="localhost")
+        # a long-lived agent certificate is looked at again within a day
+        loop = asyncio.get_event_loop()
+        assert to_other._expiry.when() - loop.time() <= tls.EXPIRY_RECHECK + 1
+
+        short = issue_expiring(ca_dir, "vmhost1", 4, kind="server", dns_names=["localhost"],
+                               ip_addresses=["127.0.0.1"])
+        not_after = _not_after(short.cert)
+        agent = Agent(AgentConfig(listen_port=0, cert=short.cert, key=short.key, ca=ca))
+        await agent.start()
+        client = await connect(agent.addresses[0], alice_cert, alice_key, ca,
+                               server_name="localhost", timeout=3)
+        echo = await client.open("", "echo")
+        other_echo = await to_other.open("", "echo")
+        await echo.write(b"before")
+        assert await echo.read() == b"before"
+
+        with pytest.raises(SessionClosed) as info:
+            while True:
+                await asyncio.wait_for(echo.read(), not_after - time.time() + 5)
+        ended = time.time()
+        expected = "the agent's certificate (CN vmhost1) expired at %s" % time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
+        assert expected in str(info.value), info.value
+        assert not_after < ended < not_after + 3, (not_after, ended)
+        assert await client.session.wait_closed() == expected
+        assert client._expiry is None
+        with pytest.raises(SessionClosed):
+            await client.open("", "echo")
+        # the agent saw the session go (the client said why)
+        await _wait_for(lambda: not agent.sessions)
+
+        await other_echo.write(b"goes on")
+        assert await other_echo.read() == b"goes on"
+        await other_echo.close()
+        await client.close()
+        await agent.shutdown(drain_timeout=1)
+        # a session the agent ends: the watch goes with it (nothing holds the session)
+        assert to_other._expiry is not None
+        await other.shutdown(drain_timeout=1)
+        await to_other.session.wait_closed()
+        await _wait_for(lambda: to_other._expiry is None)
+        await to_other.close()
+
+    with caplog.at_level(logging.INFO, logger="vproxy.client"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "vproxy.client"
+             and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "ending the session: the agent's certificate (CN vmhost1) " \
+        "expired at" in lines[0], lines
+
+
+def test_local_clients_watch_no_certificate(tmp_path):
+    import shutil
+    import tempfile
+
+    from vproxy.localmode import connect_local
+
+    where = tempfile.mkdtemp(prefix="vpx")
+    path = os.path.join(where, "agent.sock")
+
+    async def main():
+        agent = Agent(AgentConfig(local_socket=path))
+        await agent.start()
+        client = await connect_local(path)
+        assert client._expiry is None
+        await client.close()
+        await agent.shutdown(drain_timeout=1)
+
+    try:
+        run(main())
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

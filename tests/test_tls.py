@@ -404,3 +404,30 @@ def test_describe_misc_errors():
     assert tls.describe_tls_error(UserError("cannot read x", hint="y")) == "cannot read x"
     assert tls.describe_tls_error(ValueError("odd")) == "odd"
     assert "vproxy/1" in tls.describe_tls_error(tls.AlpnMismatch(None))
+
+
+def test_expiry_watch_looks_again_when_early_and_fires_once_after_not_after():
+    """The timer is never set further than `recheck` ahead; a look before notAfter sets
+    it again, the first after it calls on_expired (once); cancel() stops it."""
+    import asyncio
+    import time
+
+    from vproxy.tls import ExpiryWatch
+
+    async def main():
+        loop = asyncio.get_event_loop()
+        fired = []
+        not_after = time.time() + 0.5
+        watch = ExpiryWatch(loop, not_after, lambda: fired.append(time.time()), recheck=0.1)
+        assert 0 < watch.when() - loop.time() <= 0.1 + 0.01
+        await asyncio.sleep(0.3)
+        assert fired == [] and watch.when() is not None  # looked, too early: set again
+        await asyncio.sleep(0.6)
+        assert len(fired) == 1 and fired[0] > not_after and watch.when() is None
+        gone = ExpiryWatch(loop, time.time() + 0.2, lambda: fired.append(0.0))
+        gone.cancel()
+        assert gone.when() is None
+        await asyncio.sleep(0.4)
+        assert len(fired) == 1
+
+    asyncio.run(main())

@@ -28,8 +28,7 @@ RELEASE_DELAY = 15.0  # idle this long after the last session ended: memory.rele
 # sessions pay for a trim (40-65 ms of a blocked loop after 1,000 sessions).
 BUILTIN_POLICIES = ("everyone", "acl", "off")  # builtin_channels: every client, the
 # identities an [[allow]] rule grants "bench", or nobody. `ls` stays open to every client.
-EXPIRY_RECHECK = 86400.0  # a session whose certificate expires later looks again daily:
-# the wall clock may be set meanwhile, and loop timers run on the monotonic clock.
+EXPIRY_RECHECK = tls.EXPIRY_RECHECK  # the client certificate's end: tls.ExpiryWatch
 
 
 @dataclass
@@ -64,7 +63,7 @@ class AgentSession(Session):
         self.agent = agent
         self._identity_key: Any = None
         self._not_after: Optional[float] = None  # the client certificate's, epoch seconds
-        self._expiry_timer: Optional[asyncio.TimerHandle] = None
+        self._expiry_timer: Optional[tls.ExpiryWatch] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -143,25 +142,13 @@ class AgentSession(Session):
         if self._not_after is None:
             log.warning("%s: cannot read the expiry of the peer's certificate", self.name)
             return
-        self._schedule_expiry()
+        self._expiry_timer = tls.ExpiryWatch(self._loop, self._not_after, self._expired)
 
-    def _schedule_expiry(self) -> None:
-        left = self._not_after - time.time()  # type: ignore[operator]
-        # valid through notAfter (RFC 5280): end just after it; at most a day ahead
-        delay = min(max(left, 0.0) + 0.05, EXPIRY_RECHECK)
-        self._expiry_timer = self._loop.call_later(delay, self._check_expiry)
-
-    def _check_expiry(self) -> None:
+    def _expired(self) -> None:
         self._expiry_timer = None
         if self.closed.done():
             return
-        if time.time() <= self._not_after:  # type: ignore[operator]
-            self._schedule_expiry()  # early (a daily look, or the clock was set back)
-            return
-        identity = self.peer_identity
-        who = "CN %s" % identity.common_name if identity.common_name else str(identity)
-        self.end("your certificate (%s) expired at %s" % (
-            who, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._not_after))))
+        self.end("your certificate %s" % tls.expiry_text(self.peer_identity, self._not_after))
 
 
 class Agent:

@@ -8,6 +8,7 @@
 
 import asyncio
 import json
+import logging
 import ssl
 from typing import Dict, List, Optional, Tuple
 
@@ -15,6 +16,8 @@ from . import mux, tls, transport
 from .errors import SessionClosed, UserError
 from .mux import OpenRequest, Priority
 from .session import Session, Stream
+
+log = logging.getLogger("vproxy.client")
 
 DEFAULT_PORT = 7443
 CONNECT_TIMEOUT = 10.0
@@ -45,6 +48,36 @@ class Client:
     def __init__(self, session: Session, address: str):
         self.session = session
         self.address = address
+        self._expiry: Optional[tls.ExpiryWatch] = None  # the agent certificate's end
+        transport = session.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is not None and not session.closed.done():  # TLS, not the local socket
+            self._watch_agent_certificate(ssl_object)
+
+    def _watch_agent_certificate(self, ssl_object) -> None:
+        """End the session when the agent's certificate expires (as the agent does with
+        the client's): the handshake checked it, nothing checks it later."""
+        not_after = tls.not_after(ssl_object)
+        if not_after is None:
+            log.warning("%s: cannot read the expiry of the agent's certificate", self.address)
+            return
+        self._expiry = tls.ExpiryWatch(asyncio.get_event_loop(), not_after,
+                                       lambda: self._agent_certificate_expired(not_after))
+        self.session.closed.add_done_callback(lambda _: self._stop_watching())
+
+    def _stop_watching(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()  # it holds the session for up to a day
+            self._expiry = None
+
+    def _agent_certificate_expired(self, not_after: float) -> None:
+        self._expiry = None
+        if self.session.closed.done():
+            return
+        reason = "the agent's certificate %s" % tls.expiry_text(self.session.peer_identity,
+                                                                 not_after)
+        log.warning("%s: ending the session: %s", self.address, reason)
+        self.session.close(reason)
 
     async def open(
         self,
@@ -77,6 +110,7 @@ class Client:
         return await self.session.ping()
 
     async def close(self) -> None:
+        self._stop_watching()
         self.session.close("client closed the session")
         await self.session.wait_closed()
 

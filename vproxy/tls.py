@@ -22,6 +22,7 @@ import errno
 import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -245,6 +246,57 @@ def not_after(ssl_object: Any) -> Optional[float]:
         return float(ssl.cert_time_to_seconds(value))
     except ValueError:
         return None
+
+
+EXPIRY_RECHECK = 86400.0  # a certificate that expires later is looked at again daily:
+# the wall clock may be set meanwhile, and loop timers run on the monotonic clock.
+
+
+class ExpiryWatch:
+    """Call on_expired() once, just after the wall clock passes not_after (a peer
+    certificate's notAfter, epoch seconds: valid through it, RFC 5280). The loop timer
+    is never set more than `recheck` (EXPIRY_RECHECK) seconds ahead; when it fires early (a daily look,
+    or the clock was set back) it is set again. cancel() when the session ends."""
+
+    def __init__(self, loop: Any, not_after: float, on_expired: Any,
+                 recheck: Optional[float] = None):
+        self.not_after = not_after
+        self._loop = loop
+        self._on_expired = on_expired
+        self._recheck = recheck
+        self._timer: Any = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        left = self.not_after - time.time()
+        recheck = self._recheck if self._recheck is not None else EXPIRY_RECHECK
+        delay = min(max(left, 0.0) + 0.05, recheck)
+        self._timer = self._loop.call_later(delay, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if time.time() <= self.not_after:
+            self._schedule()
+            return
+        self._on_expired()
+
+    def when(self) -> Optional[float]:
+        """The loop time of the next look, None once fired or cancelled."""
+        return self._timer.when() if self._timer is not None else None
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()  # it holds its session for up to a day
+            self._timer = None
+
+
+def expiry_text(identity: Any, not_after: float) -> str:
+    """'(CN alice) expired at 2026-01-02 03:04:05 UTC', for the messages that end a
+    session whose peer certificate expired."""
+    who = ("CN %s" % identity.common_name if getattr(identity, "common_name", "")
+           else str(identity))
+    return "(%s) expired at %s" % (who, time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                      time.gmtime(not_after)))
 
 
 def check_alpn(ssl_object: Any) -> None:
