@@ -425,7 +425,8 @@ def test_max_sessions_per_identity_config_key_and_flag(pki, tmp_path):
     assert agent.returncode == 0
 
 
-@pytest.mark.parametrize("key", ["max_sessions", "max_sessions_per_identity", "max_streams"])
+@pytest.mark.parametrize("key", ["max_sessions", "max_sessions_per_identity",
+                                 "max_sessions_per_address", "max_streams"])
 def test_a_reload_says_a_session_limit_needs_a_restart(tmp_path, key):
     from vproxy.cli.serving import make_reloader
 
@@ -640,3 +641,135 @@ def test_local_clients_watch_no_certificate(tmp_path):
         run(main())
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- sessions per address
+
+async def _connect_from(source_ip, address, pki, pair):
+    """A vproxy session over real mutual TLS from the source address source_ip (any
+    127.x.y.z on Linux): vproxy.client.connect has no source address to bind."""
+    import socket
+
+    from vproxy.session import Session
+
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source_ip, 0))
+    sock.setblocking(False)
+    loop = asyncio.get_event_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    _, session = await loop.create_connection(
+        lambda: Session(client=True, name="session from %s" % source_ip), sock=sock,
+        ssl=pki.client_context(pair), server_hostname="localhost")
+    await session.ping(5)  # served (a refusal ends the session before the answer)
+    return session
+
+
+def test_sessions_from_one_address_beyond_its_limit_are_refused_with_a_reason(pki):
+    async def main():
+        agent = await started_agent(pki, max_sessions_per_address=2)
+        address = agent.addresses[0]
+
+        def as_(pair):
+            return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost",
+                           timeout=5)
+
+        first = await as_(pki.alice)
+        second = await as_(pki.bob)  # another identity, the same address: counted together
+        with pytest.raises(UserError) as info:
+            await as_(pki.san_client)
+        message = info.value.message
+        assert "refused the session" in message and "OVERLOADED" in message, message
+        assert "too many sessions from 127.0.0.1: this agent serves at most 2 at once per " \
+            "source address" in message, message
+        # another address still gets in, and is served
+        elsewhere = await _connect_from("127.0.0.2", address, pki, pki.alice)
+        assert agent.sessions_per_address == {"127.0.0.1": 2, "127.0.0.2": 1}
+        assert len(agent.sessions) == 3
+        # closing one from 127.0.0.1 lets it in again
+        await first.close()
+        await _wait_for(lambda: len(agent.sessions) == 2)
+        third = await as_(pki.san_client)
+        with pytest.raises(UserError):
+            await as_(pki.alice)
+        for client in (second, third):
+            await client.close()
+        elsewhere.close("done")
+        await _wait_for(lambda: not agent.sessions)
+        assert agent.sessions_per_address == {}
+        await agent.shutdown(drain_timeout=1)
+    run(main())
+
+
+def test_local_sessions_are_not_counted_per_address(pki):
+    """The unix socket has no source address: max_sessions_per_address leaves it alone."""
+    import shutil
+    import tempfile
+
+    from vproxy.localmode import connect_local
+
+    where = tempfile.mkdtemp(prefix="vpx")
+    path = os.path.join(where, "agent.sock")
+
+    async def main():
+        agent = await started_agent(pki, local_socket=path, max_sessions_per_address=1)
+        local = [await connect_local(path) for _ in range(3)]
+        tls_client = await connect(agent.addresses[0], pki.alice.cert, pki.alice.key, pki.ca,
+                                   server_name="localhost")
+        with pytest.raises(UserError) as info:
+            await connect(agent.addresses[0], pki.bob.cert, pki.bob.key, pki.ca,
+                          server_name="localhost", timeout=5)
+        assert "at most 1 at once per source address" in info.value.message
+        assert len(agent.sessions) == 4
+        assert agent.sessions_per_address == {"127.0.0.1": 1}
+        for client in local + [tls_client]:
+            await client.close()
+        await _wait_for(lambda: not agent.sessions)
+        await agent.shutdown(drain_timeout=1)
+
+    try:
+        run(main())
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def test_max_sessions_per_address_config_key_and_flag(pki, tmp_path):
+    """The key must be a positive int; the flag reaches the agent and beats the file."""
+    from vproxy.config import parse_agent_config
+
+    assert "max_sessions_per_address" not in parse_agent_config({}).settings  # no limit
+    assert parse_agent_config({"max_sessions_per_address": 3}).settings == {
+        "max_sessions_per_address": 3}
+    for bad, why in ((0, "must be positive"), (-1, "must be positive"),
+                     (True, "wrong type"), ("2", "wrong type"), (2.0, "wrong type")):
+        with pytest.raises(UserError) as info:
+            parse_agent_config({"max_sessions_per_address": bad}, "agent.toml")
+        assert "max_sessions_per_address" in info.value.message and why in info.value.message
+
+    config = tmp_path / "agent.toml"
+    config.write_text("max_sessions_per_address = 5\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vproxy", "serve", "--listen", "127.0.0.1:0", "--config", str(config),
+         "--cert", pki.server.cert, "--key", pki.server.key, "--ca", pki.ca, "--crl", pki.crl,
+         "--max-sessions-per-address", "1"],
+        stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        line = agent.stderr.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        address = line.split("listening on ")[1].strip()
+
+        async def main():
+            held = await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
+                                 server_name="localhost", timeout=10)
+            with pytest.raises(UserError) as info:
+                await connect(address, pki.bob.cert, pki.bob.key, pki.ca,
+                              server_name="localhost", timeout=10)
+            assert "too many sessions from 127.0.0.1: this agent serves at most 1 at once " \
+                "per source address" in info.value.message
+            await held.close()
+        run(main())
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert agent.returncode == 0

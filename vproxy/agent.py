@@ -50,6 +50,7 @@ class AgentConfig:
     metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
     max_sessions: int = 4096  # more concurrent sessions are ended at once with a reason
     max_sessions_per_identity: Optional[int] = None  # the same, per identity (None: no limit)
+    max_sessions_per_address: Optional[int] = None  # the same, per source IP (not local ones)
     builtin_channels: str = "everyone"  # who may open sink/source/echo: BUILTIN_POLICIES
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
 
@@ -62,6 +63,7 @@ class AgentSession(Session):
                          on_open=self._dispatch, name="session")
         self.agent = agent
         self._identity_key: Any = None
+        self._address_key: Optional[str] = None  # the peer's IP; None on the local socket
         self._not_after: Optional[float] = None  # the client certificate's, epoch seconds
         self._expiry_timer: Optional[tls.ExpiryWatch] = None
 
@@ -82,7 +84,9 @@ class AgentSession(Session):
         agent = self.agent
         limit = agent.config.max_sessions
         per_identity = agent.config.max_sessions_per_identity
+        per_address = agent.config.max_sessions_per_address
         key = _identity_key(self.peer_identity)
+        address = _address_key(peer)
         if len(agent.sessions) >= limit:
             self._refuse("too many sessions: this agent serves at most %d at once" % limit,
                          transport)
@@ -91,10 +95,18 @@ class AgentSession(Session):
             self._refuse("too many sessions for %s: this agent serves at most %d at once "
                          "per identity" % (self.peer_identity, per_identity), transport)
             return
+        if (per_address is not None and address is not None
+                and agent.sessions_per_address.get(address, 0) >= per_address):
+            self._refuse("too many sessions from %s: this agent serves at most %d at once "
+                         "per source address" % (address, per_address), transport)
+            return
         log.info("%s: connected", self.name)
         agent.sessions.add(self)
         agent.sessions_per_identity[key] = agent.sessions_per_identity.get(key, 0) + 1
         self._identity_key = key
+        if address is not None:
+            agent.sessions_per_address[address] = agent.sessions_per_address.get(address, 0) + 1
+            self._address_key = address
         self.closed.add_done_callback(lambda _: self._gone())
         super().connection_made(transport)
         if ssl_object is not None:
@@ -121,6 +133,13 @@ class AgentSession(Session):
             counts[self._identity_key] = left
         else:
             counts.pop(self._identity_key, None)
+        if self._address_key is not None:
+            counts = self.agent.sessions_per_address
+            left = counts.get(self._address_key, 0) - 1
+            if left > 0:
+                counts[self._address_key] = left
+            else:
+                counts.pop(self._address_key, None)
         if not self.agent.sessions:
             self.agent.idle()
         log.info("%s: closed: %s", self.name, self.close_reason)
@@ -166,6 +185,7 @@ class Agent:
         self.registry = None  # vproxy.qemu.vms.VMRegistry, when VMs are configured
         self.sessions: "set[AgentSession]" = set()
         self.sessions_per_identity: Dict[Any, int] = {}  # live sessions of each identity
+        self.sessions_per_address: Dict[str, int] = {}  # live TLS sessions of each source IP
         self.streams: "set[Stream]" = set()  # accepted and not yet ended (reload, metrics)
         self.metrics = Metrics()
         self.metrics_server = None  # vproxy.metrics.MetricsServer, with config.metrics
@@ -409,6 +429,15 @@ def _identity_key(identity) -> Tuple[str, str]:
     """Sessions of one identity, for max_sessions_per_identity: as audit lines name it
     (a certificate's CN or first SAN; a local uid), never mixing TLS and local peers."""
     return (type(identity).__name__, str(identity))
+
+
+def _address_key(peer) -> Optional[str]:
+    """Sessions from one source address, for max_sessions_per_address: the peer's IP as
+    the socket gives it (an IPv4 client of a dual-stack listener is ::ffff:a.b.c.d, the
+    same each time); None for a peer without one (the local unix socket)."""
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str) and peer[0]:
+        return peer[0]
+    return None
 
 
 def _addr(sockname) -> str:

@@ -33,6 +33,7 @@ KEYS = {
     "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
     "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
     "console_log_dir": str, "max_sessions": int, "max_sessions_per_identity": int,
+    "max_sessions_per_address": int,
     "max_streams": int, "vm": list, "allow": list, "local_socket": str,
     "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
     "builtin_channels": str,
@@ -92,7 +93,8 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
             raise UserError("%s: must be a table" % where)
         rules.append(rule_from_dict(rule, where))
     out.acl = Acl(rules)
-    for key in ("console_ring", "max_sessions", "max_sessions_per_identity", "max_streams"):
+    for key in ("console_ring", "max_sessions", "max_sessions_per_identity",
+                "max_sessions_per_address", "max_streams"):
         if out.settings.get(key, 1) <= 0:
             raise UserError("%s: %s must be positive" % (path, key))
     if out.settings.get("drain_timeout", 0) < 0:

@@ -80,6 +80,10 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
               help="Refuse a client identity more than N concurrent sessions (GOAWAY "
                    "OVERLOADED, naming the identity and the limit). [default: no limit]")
+@click.option("--max-sessions-per-address", type=click.IntRange(1), default=None, metavar="N",
+              help="Refuse a source IP address more than N concurrent TLS sessions (GOAWAY "
+                   "OVERLOADED, naming the address and the limit); the local socket is not "
+                   "counted. [default: no limit]")
 @click.option("--builtin-channels", type=click.Choice(["everyone", "acl", "off"]), default=None,
               help="Who may open the built-in channels sink, source and echo (vproxy bench): "
                    "every client, the identities an ACL rule grants \"bench\", or nobody. "
@@ -93,7 +97,7 @@ def main(ctx: click.Context, verbose: int) -> None:
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
           handshake_timeout, drain_timeout, metrics, resume_prelaunch, max_sessions_per_identity,
-          builtin_channels, log_format, audit_log, local_socket, **tls_args) -> None:
+          max_sessions_per_address, builtin_channels, log_format, audit_log, local_socket, **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
     Access is denied unless an ACL rule (config file, or --allow) grants it. The
@@ -121,6 +125,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
                                  ("handshake_timeout", handshake_timeout), ("metrics", metrics),
                                  ("log_format", log_format), ("local_socket", local_socket),
                                  ("max_sessions_per_identity", max_sessions_per_identity),
+                                 ("max_sessions_per_address", max_sessions_per_address),
                                  ("builtin_channels", builtin_channels)) if v}
     if resume_prelaunch is not None:
         overridden.add("resume_prelaunch")
@@ -155,6 +160,8 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         max_sessions=settings.get("max_sessions", 4096),
         max_sessions_per_identity=(max_sessions_per_identity
                                    or settings.get("max_sessions_per_identity")),
+        max_sessions_per_address=(max_sessions_per_address
+                                  or settings.get("max_sessions_per_address")),
         builtin_channels=builtin_channels or settings.get("builtin_channels", "everyone"),
         resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
                           else settings.get("resume_prelaunch", False)),

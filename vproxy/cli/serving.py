@@ -97,7 +97,8 @@ def _no_reloader():
 # Settings a reload cannot change: a changed value is reported, and waits for a restart.
 RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log_dir",
                 "audit_log", "handshake_timeout", "metrics", "log_format", "resume_prelaunch",
-                "max_sessions", "max_sessions_per_identity", "max_streams", "builtin_channels")
+                "max_sessions", "max_sessions_per_identity", "max_sessions_per_address",
+                "max_streams", "builtin_channels")
 
 
 def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Sequence[str],
