@@ -184,6 +184,28 @@ def test_a_reload_that_removes_a_rule_resets_only_that_identitys_streams(own_pki
     assert any("identity=alice" in line and ACL_REVOKED in line for line in audit), audit
 
 
+def test_a_reload_that_takes_bench_away_resets_the_built_in_streams_of_that_identity(own_pki):
+    """builtin_channels = acl: a `source` stream must not outlive the rule that let it
+    open (it can burn the agent's CPU)."""
+    async def main():
+        bench = dict(vms=("web*",), channels=("bench",))
+        agent = await start_agent(own_pki, rules("alice", "bob", **bench), builtin_channels="acl")
+        alice = await client_of(agent, own_pki.alice, own_pki.ca)
+        bob = await client_of(agent, own_pki.bob, own_pki.ca)
+        a_echo = await alice.open("", "echo")
+        b_echo = await bob.open("", "echo")
+        assert await echoes(a_echo) and await echoes(b_echo)
+        outcome = await agent.reload(settings_of(own_pki, rules("bob", **bench)))
+        assert outcome.streams_reset == 1
+        error = await reset_reason(a_echo)
+        assert isinstance(error, StreamReset) and error.message == ACL_REVOKED
+        assert await echoes(b_echo, b"bob goes on")
+        await alice.close()
+        await bob.close()
+        await agent.shutdown(drain_timeout=1)
+    run(main())
+
+
 def test_a_mode_taken_away_resets_the_stream_that_used_it(own_pki):
     async def main():
         agent = await start_agent(own_pki, rules("alice"))

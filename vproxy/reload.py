@@ -28,7 +28,7 @@ from typing import Any, List, Optional, Tuple
 
 from . import crl as crlmod
 from . import tls
-from .errors import UserError
+from .errors import ChannelRefused, UserError
 from .mux import ResetCode
 
 log = logging.getLogger("vproxy.agent")
@@ -118,14 +118,20 @@ async def apply(agent: Any, prepared: _Prepared) -> Outcome:
 
     for stream in list(agent.streams):
         session = stream.session
-        if session.closed.done() or stream.closed or not stream.request.vm:
+        if session.closed.done() or stream.closed:
             continue
-        acl = settings.acl
-        if acl is None or not acl.allows(session.peer_identity, stream.request):
-            log.warning("%s: stream %d (%s): %s", session.name, stream.stream_id,
-                        stream.request.describe(), ACL_REVOKED)
-            stream.reset(ResetCode.CANCEL, ACL_REVOKED)
-            outcome.streams_reset += 1
+        if not stream.request.vm:  # a built-in channel: builtin_channels decides
+            try:
+                agent._authorize_builtin(session.peer_identity, stream.request)
+                continue
+            except ChannelRefused:
+                pass
+        elif settings.acl is not None and settings.acl.allows(session.peer_identity, stream.request):
+            continue
+        log.warning("%s: stream %d (%s): %s", session.name, stream.stream_id,
+                    stream.request.describe(), ACL_REVOKED)
+        stream.reset(ResetCode.CANCEL, ACL_REVOKED)
+        outcome.streams_reset += 1
 
     if settings.vms is not None:
         await _apply_vms(agent, settings.vms, outcome)
