@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from agenttools import AgentProcess  # drains the agent's stderr: a full pipe would stall it
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
 from vproxy.client import connect
 from vproxy.errors import ChannelRefused
@@ -21,33 +22,6 @@ from vproxy.mux import RefuseCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
-
-
-class AgentProcess:
-    """`vproxy serve` in a child process, with a config file."""
-
-    def __init__(self, pki, tmp_path, vms, allow):
-        self.audit = tmp_path / "audit.log"
-        config = tmp_path / "agent.toml"
-        lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
-                 'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl, 'audit_log = "%s"' % self.audit]
-        for name, qmp in vms:
-            lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
-        for rule in allow:
-            lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
-        config.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--config", str(config)],
-                                     stderr=subprocess.PIPE, env=ENV, text=True)
-        line = self.proc.stderr.readline()
-        assert "listening on" in line, line + self.proc.stderr.read()
-        self.address = line.split("listening on ")[1].strip()
-
-    def audit_lines(self):
-        return self.audit.read_text().splitlines() if self.audit.exists() else []
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(15)
 
 
 def connect_as(pki, pair, address):
