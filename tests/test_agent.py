@@ -384,39 +384,44 @@ def test_sessions_of_one_identity_beyond_its_limit_are_refused_with_a_reason(pki
     run(main())
 
 
-def test_max_sessions_per_identity_config_key_and_flag(pki, tmp_path):
+@pytest.mark.parametrize("key, second, refusal", [
+    ("max_sessions_per_identity", "alice", "at most 1 at once per identity"),
+    ("max_sessions_per_address", "bob",
+     "too many sessions from 127.0.0.1: this agent serves at most 1 at once per source address"),
+])
+def test_a_per_identity_or_per_address_limit_key_and_flag(pki, tmp_path, key, second, refusal):
     """The key must be a positive int; the flag reaches the agent and beats the file."""
     from vproxy.config import parse_agent_config
 
-    assert "max_sessions_per_identity" not in parse_agent_config({}).settings  # no limit
-    assert parse_agent_config({"max_sessions_per_identity": 3}).settings == {
-        "max_sessions_per_identity": 3}
+    assert key not in parse_agent_config({}).settings  # no limit
+    assert parse_agent_config({key: 3}).settings == {key: 3}
     for bad, why in ((0, "must be positive"), (-1, "must be positive"),
                      (True, "wrong type"), ("2", "wrong type"), (2.0, "wrong type")):
         with pytest.raises(UserError) as info:
-            parse_agent_config({"max_sessions_per_identity": bad}, "agent.toml")
-        assert "max_sessions_per_identity" in info.value.message and why in info.value.message
+            parse_agent_config({key: bad}, "agent.toml")
+        assert key in info.value.message and why in info.value.message
 
     config = tmp_path / "agent.toml"
-    config.write_text("max_sessions_per_identity = 5\n")
+    config.write_text("%s = 5\n" % key)
     env = dict(os.environ, PYTHONPATH=ROOT)
     agent = subprocess.Popen(
         [sys.executable, "-m", "vproxy", "serve", "--listen", "127.0.0.1:0", "--config", str(config),
          "--cert", pki.server.cert, "--key", pki.server.key, "--ca", pki.ca, "--crl", pki.crl,
-         "--max-sessions-per-identity", "1"],
+         "--" + key.replace("_", "-"), "1"],
         stderr=subprocess.PIPE, env=env, text=True)
     try:
         line = agent.stderr.readline()
         assert "listening on 127.0.0.1:" in line, line
         address = line.split("listening on ")[1].strip()
+        other = getattr(pki, second)
 
         async def main():
             held = await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
                                  server_name="localhost", timeout=10)
             with pytest.raises(UserError) as info:
-                await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
+                await connect(address, other.cert, other.key, pki.ca,
                               server_name="localhost", timeout=10)
-            assert "at most 1 at once per identity" in info.value.message
+            assert refusal in info.value.message
             await held.close()
         run(main())
     finally:
@@ -731,45 +736,3 @@ def test_local_sessions_are_not_counted_per_address(pki):
         run(main())
     finally:
         shutil.rmtree(where, ignore_errors=True)
-
-
-def test_max_sessions_per_address_config_key_and_flag(pki, tmp_path):
-    """The key must be a positive int; the flag reaches the agent and beats the file."""
-    from vproxy.config import parse_agent_config
-
-    assert "max_sessions_per_address" not in parse_agent_config({}).settings  # no limit
-    assert parse_agent_config({"max_sessions_per_address": 3}).settings == {
-        "max_sessions_per_address": 3}
-    for bad, why in ((0, "must be positive"), (-1, "must be positive"),
-                     (True, "wrong type"), ("2", "wrong type"), (2.0, "wrong type")):
-        with pytest.raises(UserError) as info:
-            parse_agent_config({"max_sessions_per_address": bad}, "agent.toml")
-        assert "max_sessions_per_address" in info.value.message and why in info.value.message
-
-    config = tmp_path / "agent.toml"
-    config.write_text("max_sessions_per_address = 5\n")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "vproxy", "serve", "--listen", "127.0.0.1:0", "--config", str(config),
-         "--cert", pki.server.cert, "--key", pki.server.key, "--ca", pki.ca, "--crl", pki.crl,
-         "--max-sessions-per-address", "1"],
-        stderr=subprocess.PIPE, env=env, text=True)
-    try:
-        line = agent.stderr.readline()
-        assert "listening on 127.0.0.1:" in line, line
-        address = line.split("listening on ")[1].strip()
-
-        async def main():
-            held = await connect(address, pki.alice.cert, pki.alice.key, pki.ca,
-                                 server_name="localhost", timeout=10)
-            with pytest.raises(UserError) as info:
-                await connect(address, pki.bob.cert, pki.bob.key, pki.ca,
-                              server_name="localhost", timeout=10)
-            assert "too many sessions from 127.0.0.1: this agent serves at most 1 at once " \
-                "per source address" in info.value.message
-            await held.close()
-        run(main())
-    finally:
-        agent.terminate()
-        agent.wait(10)
-    assert agent.returncode == 0
