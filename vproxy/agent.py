@@ -127,19 +127,9 @@ class AgentSession(Session):
             self._expiry_timer.cancel()  # it holds the session for up to a day
             self._expiry_timer = None
         self.agent.sessions.discard(self)
-        counts = self.agent.sessions_per_identity
-        left = counts.get(self._identity_key, 0) - 1
-        if left > 0:
-            counts[self._identity_key] = left
-        else:
-            counts.pop(self._identity_key, None)
+        _uncount(self.agent.sessions_per_identity, self._identity_key)
         if self._address_key is not None:
-            counts = self.agent.sessions_per_address
-            left = counts.get(self._address_key, 0) - 1
-            if left > 0:
-                counts[self._address_key] = left
-            else:
-                counts.pop(self._address_key, None)
+            _uncount(self.agent.sessions_per_address, self._address_key)
         if not self.agent.sessions:
             self.agent.idle()
         log.info("%s: closed: %s", self.name, self.close_reason)
@@ -416,6 +406,15 @@ class ListingChannel:
 
         await stream.write(json.dumps({"vms": self.vms}).encode())
         await stream.close()
+
+
+def _uncount(counts: Dict[Any, int], key: Any) -> None:
+    """One session of `key` less; a key with none left goes (the dict stays small)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _quote(text: str) -> str:
