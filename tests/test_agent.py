@@ -311,7 +311,8 @@ def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
 
 
 def test_local_sessions_have_no_certificate_to_expire(pki):
-    """Local mode (SO_PEERCRED, no TLS): nothing is scheduled, the session is untouched."""
+    """Local mode (SO_PEERCRED, no TLS): neither end schedules an expiry, the session
+    is untouched."""
     import shutil
     import tempfile
 
@@ -326,6 +327,7 @@ def test_local_sessions_have_no_certificate_to_expire(pki):
         client = await connect_local(path)
         (session,) = agent.sessions
         assert session._expiry_timer is None and session._not_after is None
+        assert client._expiry is None
         stream = await client.open("", "echo")
         await stream.write(b"local")
         assert await stream.read() == b"local"
@@ -623,29 +625,6 @@ def test_a_client_ends_its_session_when_the_agents_certificate_expires(tmp_path,
              and r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "ending the session: the agent's certificate (CN vmhost1) " \
         "expired at" in lines[0], lines
-
-
-def test_local_clients_watch_no_certificate(tmp_path):
-    import shutil
-    import tempfile
-
-    from vproxy.localmode import connect_local
-
-    where = tempfile.mkdtemp(prefix="vpx")
-    path = os.path.join(where, "agent.sock")
-
-    async def main():
-        agent = Agent(AgentConfig(local_socket=path))
-        await agent.start()
-        client = await connect_local(path)
-        assert client._expiry is None
-        await client.close()
-        await agent.shutdown(drain_timeout=1)
-
-    try:
-        run(main())
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- sessions per address
