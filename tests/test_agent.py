@@ -1,6 +1,7 @@
 """The agent over real mutual TLS: who gets in, who is refused, and bench end to end."""
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -350,21 +351,28 @@ async def _wait_for(predicate, seconds=5.0):
     assert predicate()
 
 
+def _connect_as(agent, pki, pair):
+    return connect(agent.addresses[0], pair.cert, pair.key, pki.ca, server_name="localhost",
+                   timeout=5)
+
+
+async def _refused_overloaded(connecting) -> str:
+    """The agent's refusal of a session (GOAWAY OVERLOADED), as the client tells it."""
+    with pytest.raises(UserError) as info:
+        await connecting
+    message = info.value.message
+    assert "refused the session" in message and "OVERLOADED" in message, message
+    return message
+
+
 def test_sessions_of_one_identity_beyond_its_limit_are_refused_with_a_reason(pki):
     async def main():
         agent = await started_agent(pki, max_sessions_per_identity=2)
-        address = agent.addresses[0]
-
-        def as_(pair):
-            return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost",
-                           timeout=5)
+        as_ = functools.partial(_connect_as, agent, pki)
 
         first = await as_(pki.alice)
         second = await as_(pki.alice)
-        with pytest.raises(UserError) as info:
-            await as_(pki.alice)
-        message = info.value.message
-        assert "refused the session" in message and "OVERLOADED" in message, message
+        message = await _refused_overloaded(as_(pki.alice))
         assert "too many sessions for alice: this agent serves at most 2 at once per identity" \
             in message, message
         bob = await as_(pki.bob)  # another identity still gets in
@@ -653,17 +661,11 @@ def test_sessions_from_one_address_beyond_its_limit_are_refused_with_a_reason(pk
     async def main():
         agent = await started_agent(pki, max_sessions_per_address=2)
         address = agent.addresses[0]
-
-        def as_(pair):
-            return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost",
-                           timeout=5)
+        as_ = functools.partial(_connect_as, agent, pki)
 
         first = await as_(pki.alice)
         second = await as_(pki.bob)  # another identity, the same address: counted together
-        with pytest.raises(UserError) as info:
-            await as_(pki.san_client)
-        message = info.value.message
-        assert "refused the session" in message and "OVERLOADED" in message, message
+        message = await _refused_overloaded(as_(pki.san_client))
         assert "too many sessions from 127.0.0.1: this agent serves at most 2 at once per " \
             "source address" in message, message
         # another address still gets in, and is served
