@@ -245,6 +245,19 @@ def _not_after(cert_path) -> float:
     return value.timestamp()
 
 
+def _own_ca(tmp_path, client):
+    """A CA of the test's own (the session-wide one is not to be changed): its
+    directory, ca.pem, a server certificate for localhost and a client's (cert, key)."""
+    from vproxy import pki as vpki
+
+    ca_dir = tmp_path / "ca"
+    vpki.init_ca(ca_dir, common_name="expiry test CA")
+    server = vpki.issue(ca_dir, "localhost", "server", dns_names=["localhost"],
+                        ip_addresses=["127.0.0.1"])
+    client_pair = tuple(map(str, vpki.issue(ca_dir, client, "client")))
+    return ca_dir, str(ca_dir / "ca.pem"), server, client_pair
+
+
 def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
     """A certificate valid at the handshake does not keep its session past notAfter:
     the agent ends it (GOAWAY SHUTDOWN naming the certificate and the time, one log
@@ -252,16 +265,10 @@ def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
     import time
 
     from pkitools import issue_expiring
-    from vproxy import pki as vpki
     from vproxy.agent import EXPIRY_RECHECK
     from vproxy.errors import SessionClosed
 
-    ca_dir = tmp_path / "ca"  # a CA of the test's own: the session-wide one is not to be changed
-    vpki.init_ca(ca_dir, common_name="expiry test CA")
-    ca = str(ca_dir / "ca.pem")
-    server = vpki.issue(ca_dir, "localhost", "server", dns_names=["localhost"],
-                       ip_addresses=["127.0.0.1"])
-    bob_cert, bob_key = map(str, vpki.issue(ca_dir, "bob", "client"))
+    ca_dir, ca, server, (bob_cert, bob_key) = _own_ca(tmp_path, "bob")
 
     async def main():
         agent = Agent(AgentConfig(listen_port=0, cert=str(server[0]), key=str(server[1]), ca=ca))
@@ -569,15 +576,9 @@ def test_a_client_ends_its_session_when_the_agents_certificate_expires(tmp_path,
     import time
 
     from pkitools import issue_expiring
-    from vproxy import pki as vpki
     from vproxy.errors import SessionClosed
 
-    ca_dir = tmp_path / "ca"
-    vpki.init_ca(ca_dir, common_name="agent expiry test CA")
-    ca = str(ca_dir / "ca.pem")
-    lasting = vpki.issue(ca_dir, "localhost", "server", dns_names=["localhost"],
-                         ip_addresses=["127.0.0.1"])
-    alice_cert, alice_key = map(str, vpki.issue(ca_dir, "alice", "client"))
+    ca_dir, ca, lasting, (alice_cert, alice_key) = _own_ca(tmp_path, "alice")
 
     async def main():
         other = Agent(AgentConfig(listen_port=0, cert=str(lasting[0]), key=str(lasting[1]), ca=ca))
