@@ -216,31 +216,6 @@ def _iso(t: float) -> str:
 
 # --------------------------------------------------------------------------- endpoint
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file nobody listens on (left by an earlier agent); refuse to
-    touch anything else."""
-    import socket
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UserError("--metrics unix:%s: the file exists and is not a socket" % path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError:
-        return  # let bind() say what is wrong
-    finally:
-        probe.close()
-    raise UserError("--metrics unix:%s: another process listens there" % path)
-
-
 def parse_metrics_address(text: str) -> Tuple[str, Any]:
     """"unix:/PATH" -> ("unix", path); "HOST:PORT", ":PORT" or "PORT" -> ("tcp", (host,
     port)) with host loopback (127.0.0.1 when left out). UserError for anything else."""
@@ -303,7 +278,10 @@ class MetricsServer:
         try:
             if self.kind == "unix":
                 path = self.where
-                _remove_stale_socket(path)
+                from .forward import clear_stale_socket
+
+                clear_stale_socket(path, "--metrics unix:%s" % path, "another process listens there",
+                                   "stop it, or give --metrics another path")
                 self._server = await asyncio.start_unix_server(
                     self._handle, path, limit=REQUEST_HEAD_LIMIT)
             else:
