@@ -55,6 +55,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple, Union
 from . import client as _client
 from .errors import ChannelRefused, SessionClosed, UserError, VproxyError
 from .expect import AsyncExpect, Patterns, PatternLike
+from .forward import bridge
 from .mux import RefuseCode, ResetCode
 
 __all__ = [
@@ -315,39 +316,9 @@ class AsyncListener:
         try:
             stream = await self.client.open(self.vm, self.channel, self.mode)
             self.connections += 1
-
-            async def up() -> None:
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        await stream.close()
-                        return
-                    await stream.write(data)
-
-            async def down() -> None:
-                while True:
-                    data = await stream.read()
-                    if not data:
-                        return
-                    writer.write(data)
-                    await writer.drain()
-
-            up_task, down_task = asyncio.ensure_future(up()), asyncio.ensure_future(down())
-            try:
-                # the channel ending ends the bridge; the local side ending only half-closes
-                waiting = {up_task, down_task}
-                while True:
-                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    if down_task in done or (up_task in done and up_task.exception() is not None):
-                        break
-                    waiting = {down_task}
-            finally:
-                for t in (up_task, down_task):
-                    t.cancel()
-                await asyncio.gather(up_task, down_task, return_exceptions=True)
-            for t in (down_task, up_task):
-                if not t.cancelled() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+            outcome = await bridge(stream, reader, writer)
+            if outcome != "closed":
+                log.warning("%s %s of VM %s: %s", self.address, self.channel, self.vm, outcome)
         except (VproxyError, ConnectionError, OSError) as e:
             log.warning("%s %s of VM %s: %s", self.address, self.channel, self.vm, e)
         except asyncio.CancelledError:
