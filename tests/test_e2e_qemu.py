@@ -18,6 +18,7 @@ from agenttools import AgentProcess  # drains the agent's stderr: a full pipe wo
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
 from vproxy.client import connect
 from vproxy.errors import ChannelRefused
+from vproxy.forward import bridge
 from vproxy.mux import RefuseCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,29 +82,10 @@ def test_console_vnc_acl_and_ls_through_the_agent(pki, tmp_path, bootvm):
             assert await (await connect_as(pki, pki.san_client, agent.address)).list_vms() == []
 
             # a real VNC client through the tunnel: a local listener per VNC stream
-            async def bridge(reader, writer):
-                stream = await alice.open("web1", "vnc", "rw")
+            async def to_vnc(reader, writer):
+                await bridge(await alice.open("web1", "vnc", "rw"), reader, writer)
 
-                async def up():
-                    while True:
-                        data = await reader.read(65536)
-                        if not data:
-                            await stream.close()
-                            return
-                        await stream.write(data)
-
-                async def down():
-                    while True:
-                        data = await stream.read()
-                        if not data:
-                            writer.close()
-                            return
-                        writer.write(data)
-                        await writer.drain()
-
-                await asyncio.gather(up(), down(), return_exceptions=True)
-
-            server = await asyncio.start_server(bridge, "127.0.0.1", 0)
+            server = await asyncio.start_server(to_vnc, "127.0.0.1", 0)
             port = server.sockets[0].getsockname()[1]
             shot = tmp_path / "screen.png"
             proc = await asyncio.create_subprocess_exec(
