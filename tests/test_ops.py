@@ -44,6 +44,17 @@ def serve(pki, *args, env=None):
     return proc, match.group(1)
 
 
+def run_then_wait(proc, coro):
+    """Run coro (the client side, while the agent drains); then the agent's exit
+    status. The agent is killed whatever happens."""
+    try:
+        result = asyncio.run(asyncio.wait_for(coro, 60))
+        return result, proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def connect_as(pki, pair, address):
     return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost", timeout=5)
 
@@ -54,44 +65,40 @@ def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_when_done(pki):
     """An echo stream keeps working after SIGTERM; new opens are refused (GOING_AWAY);
     the agent exits as soon as the last stream is done, well before the drain timeout."""
     proc, address = serve(pki, "--drain-timeout", "30")
-    try:
-        async def main():
-            client = await connect_as(pki, pki.alice, address)
-            stream = await client.open("", "echo")
-            await stream.write(b"before")
-            assert await stream.read() == b"before"
-            proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while client.session.remote_goaway is None:  # GOAWAY reaches us
-                assert time.monotonic() < deadline, "no GOAWAY after SIGTERM"
-                await client.ping()
-            for chunk in (b"during", b"the", b"drain"):
-                await stream.write(chunk)
-                assert await asyncio.wait_for(stream.read(), 5) == chunk
-            # a client that knows of the GOAWAY does not even ask
-            with pytest.raises(SessionClosed) as info:
-                await client.open("", "echo")
-            assert "going away" in str(info.value)
-            # one whose OPEN crossed the GOAWAY on the wire is refused with GOING_AWAY
-            conn = client.session._conn
-            seen, conn.remote_goaway = conn.remote_goaway, None
-            try:
-                with pytest.raises(ChannelRefused) as refused:
-                    await client.open("", "echo")
-            finally:
-                conn.remote_goaway = seen
-            assert refused.value.code == RefuseCode.GOING_AWAY
-            started = time.monotonic()
-            await stream.close()
-            assert await asyncio.wait_for(stream.read(), 5) == b""  # echo half-closes back
-            await asyncio.wait_for(client.session.wait_closed(), 10)
-            return time.monotonic() - started
 
-        after_close = asyncio.run(asyncio.wait_for(main(), 60))
-        rc = proc.wait(10)
-    finally:
-        proc.kill()
-        proc.wait()
+    async def main():
+        client = await connect_as(pki, pki.alice, address)
+        stream = await client.open("", "echo")
+        await stream.write(b"before")
+        assert await stream.read() == b"before"
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while client.session.remote_goaway is None:  # GOAWAY reaches us
+            assert time.monotonic() < deadline, "no GOAWAY after SIGTERM"
+            await client.ping()
+        for chunk in (b"during", b"the", b"drain"):
+            await stream.write(chunk)
+            assert await asyncio.wait_for(stream.read(), 5) == chunk
+        # a client that knows of the GOAWAY does not even ask
+        with pytest.raises(SessionClosed) as info:
+            await client.open("", "echo")
+        assert "going away" in str(info.value)
+        # one whose OPEN crossed the GOAWAY on the wire is refused with GOING_AWAY
+        conn = client.session._conn
+        seen, conn.remote_goaway = conn.remote_goaway, None
+        try:
+            with pytest.raises(ChannelRefused) as refused:
+                await client.open("", "echo")
+        finally:
+            conn.remote_goaway = seen
+        assert refused.value.code == RefuseCode.GOING_AWAY
+        started = time.monotonic()
+        await stream.close()
+        assert await asyncio.wait_for(stream.read(), 5) == b""  # echo half-closes back
+        await asyncio.wait_for(client.session.wait_closed(), 10)
+        return time.monotonic() - started
+
+    after_close, rc = run_then_wait(proc, main())
     assert rc == 0
     assert after_close < 5  # not the 30 s drain timeout
     assert "draining 1 session(s) for up to 30 s" in proc.stderr.read()
@@ -99,51 +106,43 @@ def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_when_done(pki):
 
 def test_the_drain_timeout_ends_streams_that_do_not_finish(pki):
     proc, address = serve(pki, "--drain-timeout", "1")
-    try:
-        async def main():
-            client = await connect_as(pki, pki.alice, address)
-            stream = await client.open("", "echo")
-            proc.send_signal(signal.SIGTERM)
-            started = time.monotonic()
-            with pytest.raises(SessionClosed):
-                while True:  # keep the stream busy: it never finishes by itself
-                    await stream.write(b"x")
-                    await asyncio.wait_for(stream.read(), 5)
-            return time.monotonic() - started
 
-        took = asyncio.run(asyncio.wait_for(main(), 60))
-        rc = proc.wait(10)
-    finally:
-        proc.kill()
-        proc.wait()
+    async def main():
+        client = await connect_as(pki, pki.alice, address)
+        stream = await client.open("", "echo")
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        with pytest.raises(SessionClosed):
+            while True:  # keep the stream busy: it never finishes by itself
+                await stream.write(b"x")
+                await asyncio.wait_for(stream.read(), 5)
+        return time.monotonic() - started
+
+    took, rc = run_then_wait(proc, main())
     assert rc == 0
     assert 0.8 < took < 4, took
 
 
 def test_sighup_while_draining_is_ignored_and_a_second_sigterm_ends_the_drain(pki):
     proc, address = serve(pki, "--drain-timeout", "60")
-    try:
-        async def main():
-            client = await connect_as(pki, pki.alice, address)
-            stream = await client.open("", "echo")
-            proc.send_signal(signal.SIGTERM)
-            while client.session.remote_goaway is None:
-                await client.ping()
-            proc.send_signal(signal.SIGHUP)  # SIGHUP's default action would kill it
-            await asyncio.sleep(0.3)
-            assert proc.poll() is None
-            await stream.write(b"still")
-            assert await asyncio.wait_for(stream.read(), 5) == b"still"
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(client.session.wait_closed(), 10)
-            return time.monotonic() - started
 
-        took = asyncio.run(asyncio.wait_for(main(), 60))
-        rc = proc.wait(10)
-    finally:
-        proc.kill()
-        proc.wait()
+    async def main():
+        client = await connect_as(pki, pki.alice, address)
+        stream = await client.open("", "echo")
+        proc.send_signal(signal.SIGTERM)
+        while client.session.remote_goaway is None:
+            await client.ping()
+        proc.send_signal(signal.SIGHUP)  # SIGHUP's default action would kill it
+        await asyncio.sleep(0.3)
+        assert proc.poll() is None
+        await stream.write(b"still")
+        assert await asyncio.wait_for(stream.read(), 5) == b"still"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(client.session.wait_closed(), 10)
+        return time.monotonic() - started
+
+    took, rc = run_then_wait(proc, main())
     assert rc == 0 and took < 5
     err = proc.stderr.read()
     assert "SIGHUP ignored: the agent is shutting down" in err
