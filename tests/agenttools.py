@@ -5,20 +5,46 @@
     ...  agent.address is "127.0.0.1:PORT"
     agent.stop()
 
-(The same as test_e2e_qemu.AgentProcess, plus: the agent's stderr is read by a thread
-into `stderr_lines` (and tmp_path/agent.stderr) so the pipe never fills, and it works
-as a context manager.)
+The agent's stderr is read by a thread into `stderr_lines` (and tmp_path/agent.stderr)
+so the pipe never fills; it works as a context manager. Also `write_agent_config()`
+and `read_until()` for the tests that drive agents themselves.
 """
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from typing import List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def write_agent_config(path, pki, vms, allow, extra=()):
+    """An agent config file: listen on a free loopback port with pki's server
+    certificate, `extra` lines, then a [[vm]] per (name, qmp) and an [[allow]] per dict."""
+    lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
+             'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl] + list(extra)
+    for name, qmp in vms:
+        lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
+    for rule in allow:
+        lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def read_until(stream, needle: bytes, timeout=30.0, data=b"") -> bytes:
+    """Read a stream until `needle` has come; everything read (after `data`)."""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, "timed out waiting for %r; got %r" % (needle, data[-300:])
+        chunk = await asyncio.wait_for(stream.read(), left)
+        assert chunk, "EOF waiting for %r; got %r" % (needle, data[-300:])
+        data += chunk
+    return data
 
 
 class AgentProcess:
@@ -27,14 +53,8 @@ class AgentProcess:
     def __init__(self, pki, tmp_path, vms, allow, extra_lines=()):
         self.audit = tmp_path / "audit.log"
         config = tmp_path / "agent.toml"
-        lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
-                 'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl, 'audit_log = "%s"' % self.audit]
-        lines += list(extra_lines)
-        for name, qmp in vms:
-            lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
-        for rule in allow:
-            lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
-        config.write_text("\n".join(lines) + "\n")
+        write_agent_config(config, pki, vms, allow,
+                           ['audit_log = "%s"' % self.audit] + list(extra_lines))
         self.proc = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--config", str(config)],
                                      stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
         line = self.proc.stderr.readline()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from agenttools import AgentProcess  # drains the agent's stderr: a full pipe would stall it
+from agenttools import AgentProcess, read_until
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
 from vproxy.client import connect
 from vproxy.errors import ChannelRefused
@@ -27,18 +27,6 @@ ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 def connect_as(pki, pair, address):
     return connect(address, pair.cert, pair.key, pki.ca, server_name="localhost")
-
-
-async def read_until(stream, needle, timeout=30.0):
-    data = b""
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        left = deadline - time.monotonic()
-        assert left > 0, "timed out waiting for %r; got %r" % (needle, data[-200:])
-        chunk = await asyncio.wait_for(stream.read(), left)
-        assert chunk, "EOF waiting for %r; got %r" % (needle, data[-200:])
-        data += chunk
-    return data
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence
 
 import pytest
 
+from agenttools import read_until
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
 from vproxy import terminal
 from vproxy.client import connect
@@ -149,17 +150,6 @@ async def wait_console_attached(pki, address, vm="web1", timeout=30.0) -> dict:
             last = cons
         assert time.monotonic() < deadline, "console of %s not attached: %r" % (vm, last)
         await asyncio.sleep(0.2)
-
-
-async def read_until(stream, needle: bytes, timeout=30.0, data=b"") -> bytes:
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        left = deadline - time.monotonic()
-        assert left > 0, "timed out waiting for %r; got %r" % (needle, data[-300:])
-        chunk = await asyncio.wait_for(stream.read(), left)
-        assert chunk, "EOF waiting for %r; got %r" % (needle, data[-300:])
-        data += chunk
-    return data
 
 
 class Capture(terminal.Output):

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from agenttools import read_until
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qemu_available
 from vproxy.errors import ChannelRefused, StreamReset
 from vproxy.mux import OpenRequest, RefuseCode, ResetCode
@@ -48,19 +49,6 @@ async def agent_session(*vms):
         client.close()
         server.close()
         await registry.stop()
-
-
-async def read_until(stream, needle, timeout=20.0):
-    buf = bytearray()
-
-    async def go():
-        while needle not in buf:
-            chunk = await stream.read()
-            assert chunk, bytes(buf)
-            buf.extend(chunk)
-        return bytes(buf)
-
-    return await asyncio.wait_for(go(), timeout)
 
 
 def test_console_and_vnc_over_a_session(tmp_path):

@@ -7,7 +7,6 @@ does the same through `vproxy serve --config` and SIGHUP against a real QEMU.
 """
 
 import asyncio
-import json
 import os
 import queue
 import signal
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+from agenttools import read_until, write_agent_config
 
 from vproxy import crl as crlmod
 from vproxy import pki as vpki
@@ -439,28 +440,6 @@ class ServeProcess:
         return self.proc.wait(timeout)
 
 
-def write_config(path: Path, p: Pki, vms, allow, extra=()):
-    lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % p.server.cert, 'key = "%s"' % p.server.key,
-             'ca = "%s"' % p.ca, 'crl = "%s"' % p.crl] + list(extra)
-    for name, qmp in vms:
-        lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
-    for rule in allow:
-        lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
-async def read_until(stream, needle, timeout=20.0):
-    data = b""
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        left = deadline - time.monotonic()
-        assert left > 0, "timed out waiting for %r; got %r" % (needle, data[-200:])
-        chunk = await asyncio.wait_for(stream.read(), left)
-        assert chunk, "EOF waiting for %r; got %r" % (needle, data[-200:])
-        data += chunk
-    return data
-
-
 def test_sighup_against_a_real_vm(own_pki, tmp_path):
     """Through `vproxy serve --config` and SIGHUP, with the boot-sector guest's console:
     a rule added, a rule removed, a client revoked, a broken file: each as promised."""
@@ -473,7 +452,7 @@ def test_sighup_against_a_real_vm(own_pki, tmp_path):
     alice_rule = {"identities": ["alice"], "channels": ["console"], "modes": ["rw"]}
     bob_ro = {"identities": ["bob"], "channels": ["console"], "modes": ["ro"]}
     bob_rw = {"identities": ["bob"], "channels": ["console"], "modes": ["rw"]}
-    write_config(config, own_pki, vms, [alice_rule, bob_ro])
+    write_agent_config(config, own_pki, vms, [alice_rule, bob_ro])
     agent = ServeProcess(config)
     try:
         async def main():
@@ -488,13 +467,13 @@ def test_sighup_against_a_real_vm(own_pki, tmp_path):
                 await bob.open("web1", "console", "rw")
 
             # 1. a rule added: bob may now type (he waits for the writer role)
-            write_config(config, own_pki, vms, [alice_rule, bob_rw])
+            write_agent_config(config, own_pki, vms, [alice_rule, bob_rw])
             agent.signal(signal.SIGHUP)
             agent.expect("reloaded")
             b_console = await bob.open("web1", "console", "rw")
 
             # 2. alice's rule removed: her console is reset, bob's flows and he writes
-            write_config(config, own_pki, vms, [bob_rw])
+            write_agent_config(config, own_pki, vms, [bob_rw])
             agent.signal(signal.SIGHUP)
             assert "reset 1 stream(s)" in agent.expect("reloaded")
             error = await reset_reason(a_console)
@@ -515,7 +494,7 @@ def test_sighup_against_a_real_vm(own_pki, tmp_path):
                 await alice.open("web1", "console", "rw")  # still the second ACL
 
             # 4. alice revoked: her session ends; bob's console goes on
-            write_config(config, own_pki, vms, [alice_rule, bob_rw])
+            write_agent_config(config, own_pki, vms, [alice_rule, bob_rw])
             vpki.revoke(own_pki.dir, "alice")
             agent.signal(signal.SIGHUP)
             assert "ended 1 session(s)" in agent.expect("reloaded")
@@ -543,7 +522,7 @@ def test_sighup_changes_the_vm_list(own_pki, tmp_path):
     web2.start()
     config = tmp_path / "agent.toml"
     rule = {"identities": ["alice"]}
-    write_config(config, own_pki, [("web1", str(web1.qmp_path))], [rule])
+    write_agent_config(config, own_pki, [("web1", str(web1.qmp_path))], [rule])
     agent = ServeProcess(config)
     try:
         async def main():
@@ -554,7 +533,7 @@ def test_sighup_changes_the_vm_list(own_pki, tmp_path):
                 await alice.open("web2", "console")
             assert info.value.code == RefuseCode.NO_SUCH_VM
 
-            write_config(config, own_pki, [("web1", str(web1.qmp_path)),
+            write_agent_config(config, own_pki, [("web1", str(web1.qmp_path)),
                                            ("web2", str(web2.qmp_path))], [rule])
             agent.signal(signal.SIGHUP)
             assert "VMs added: web2" in agent.expect("reloaded")
@@ -569,7 +548,7 @@ def test_sighup_changes_the_vm_list(own_pki, tmp_path):
             await two.write(b"two\r")
             await read_until(two, b"TWO\r\n")
 
-            write_config(config, own_pki, [("web2", str(web2.qmp_path))], [rule])
+            write_agent_config(config, own_pki, [("web2", str(web2.qmp_path))], [rule])
             agent.signal(signal.SIGHUP)
             assert "VMs removed: web1" in agent.expect("reloaded")
             error = await reset_reason(one)
