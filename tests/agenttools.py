@@ -23,10 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
-def write_agent_config(path, pki, vms, allow, extra=()):
-    """An agent config file: listen on a free loopback port with pki's server
+def write_agent_config(path, pki, vms, allow, extra=(), listen="127.0.0.1:0"):
+    """An agent config file: listen (default: a free loopback port) with pki's server
     certificate, `extra` lines, then a [[vm]] per (name, qmp) and an [[allow]] per dict."""
-    lines = ['listen = "127.0.0.1:0"', 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
+    lines = ['listen = "%s"' % listen, 'cert = "%s"' % pki.server.cert, 'key = "%s"' % pki.server.key,
              'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl] + list(extra)
     for name, qmp in vms:
         lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 
 import pytest
 
-from agenttools import read_until
+from agenttools import read_until, write_agent_config
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
 from vproxy import terminal
 from vproxy.client import connect
@@ -63,14 +63,8 @@ class Agent:
         workdir.mkdir(parents=True, exist_ok=True)
         self.audit = workdir / "audit.log"
         self.config = workdir / "agent.toml"
-        lines = ['listen = "%s"' % listen, 'cert = "%s"' % pki.server.cert,
-                 'key = "%s"' % pki.server.key, 'ca = "%s"' % pki.ca, 'crl = "%s"' % pki.crl,
-                 'audit_log = "%s"' % self.audit] + list(extra)
-        for name, qmp in vms:
-            lines += ["[[vm]]", 'name = "%s"' % name, 'qmp = "%s"' % qmp]
-        for rule in allow:
-            lines += ["[[allow]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in rule.items()]
-        self.config.write_text("\n".join(lines) + "\n")
+        write_agent_config(self.config, pki, vms, allow,
+                           ['audit_log = "%s"' % self.audit] + list(extra), listen=listen)
         self.netns = netns
         self.stderr_path = workdir / "agent.stderr"
         self.proc: Optional[subprocess.Popen] = None
