@@ -265,7 +265,6 @@ def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
     import time
 
     from pkitools import issue_expiring
-    from vproxy.agent import EXPIRY_RECHECK
     from vproxy.errors import SessionClosed
 
     ca_dir, ca, server, (bob_cert, bob_key) = _own_ca(tmp_path, "bob")
@@ -287,7 +286,7 @@ def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
         # a long-lived certificate is looked at again within a day, not at its far notAfter
         loop = asyncio.get_event_loop()
         (b_side,) = [s for s in agent.sessions if str(s.peer_identity) == "bob"]
-        assert b_side._expiry_timer.when() - loop.time() <= EXPIRY_RECHECK + 1
+        assert b_side._expiry_timer.when() - loop.time() <= tls.EXPIRY_RECHECK + 1
 
         with pytest.raises(SessionClosed) as info:
             while True:  # the stream lives until the certificate's end, then the session ends

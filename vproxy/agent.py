@@ -28,7 +28,6 @@ RELEASE_DELAY = 15.0  # idle this long after the last session ended: memory.rele
 # sessions pay for a trim (40-65 ms of a blocked loop after 1,000 sessions).
 BUILTIN_POLICIES = ("everyone", "acl", "off")  # builtin_channels: every client, the
 # identities an [[allow]] rule grants "bench", or nobody. `ls` stays open to every client.
-EXPIRY_RECHECK = tls.EXPIRY_RECHECK  # the client certificate's end: tls.ExpiryWatch
 
 
 @dataclass

@@ -259,7 +259,7 @@ class ExpiryWatch:
     or the clock was set back) it is set again. cancel() when the session ends."""
 
     def __init__(self, loop: Any, not_after: float, on_expired: Any,
-                 recheck: Optional[float] = None):
+                 recheck: float = EXPIRY_RECHECK):
         self.not_after = not_after
         self._loop = loop
         self._on_expired = on_expired
@@ -269,8 +269,7 @@ class ExpiryWatch:
 
     def _schedule(self) -> None:
         left = self.not_after - time.time()
-        recheck = self._recheck if self._recheck is not None else EXPIRY_RECHECK
-        delay = min(max(left, 0.0) + 0.05, recheck)
+        delay = min(max(left, 0.0) + 0.05, self._recheck)
         self._timer = self._loop.call_later(delay, self._check)
 
     def _check(self) -> None:
