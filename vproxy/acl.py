@@ -30,6 +30,8 @@ from .mux import OpenRequest, RefuseCode
 MODES = ("ro", "rw", "force", "hotplug")
 _IMPLIES = {"ro": {"ro"}, "rw": {"ro", "rw"}, "force": {"ro", "rw", "force"}, "hotplug": {"hotplug"}}
 CHANNEL_KINDS = ("console", "channel", "vnc", "bench")
+# builtin_channels: every client, the identities a rule grants "bench", or nobody
+BUILTIN_POLICIES = ("everyone", "acl", "off")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,6 @@ class Rule:
             if e_kind == kind and arg and fnmatchcase(arg, e_arg):
                 return True
         return False
-
 
     def grants_bench(self, name: str) -> bool:
         """Whether this rule opens the built-in channel `name` (sink, source, echo)."""

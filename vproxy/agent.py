@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import memory, mux, tls, transport
+from .acl import BUILTIN_POLICIES
 from .errors import ChannelRefused, SessionClosed, StreamReset
 from .metrics import Metrics
 from .mux import RefuseCode
@@ -26,8 +27,6 @@ HANDSHAKE_TIMEOUT = 5.0  # a TLS handshake that takes longer is dropped
 RELEASE_DELAY = 15.0  # idle this long after the last session ended: memory.release().
 # Not at once: clients that reconnect right away would make every drop to zero
 # sessions pay for a trim (40-65 ms of a blocked loop after 1,000 sessions).
-BUILTIN_POLICIES = ("everyone", "acl", "off")  # builtin_channels: every client, the
-# identities an [[allow]] rule grants "bench", or nobody. `ls` stays open to every client.
 
 
 @dataclass

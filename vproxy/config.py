@@ -26,7 +26,7 @@ Everything wrong in the file is a UserError naming the file and the key.
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .acl import Acl, rule_from_dict
+from .acl import BUILTIN_POLICIES, Acl, rule_from_dict
 from .errors import UserError
 
 KEYS = {
@@ -99,7 +99,7 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
             raise UserError("%s: %s must be positive" % (path, key))
     if out.settings.get("drain_timeout", 0) < 0:
         raise UserError("%s: drain_timeout must not be negative" % path)
-    if out.settings.get("builtin_channels", "everyone") not in ("everyone", "acl", "off"):
+    if out.settings.get("builtin_channels", "everyone") not in BUILTIN_POLICIES:
         raise UserError("%s: builtin_channels must be \"everyone\", \"acl\" or \"off\", not %r"
                         % (path, out.settings["builtin_channels"]))
     if out.settings.get("log_format", "text") not in ("text", "json"):
