@@ -13,34 +13,30 @@ collector) would keep it indefinitely.
 Harmless elsewhere: without glibc (musl, macOS) release() only collects garbage.
 """
 
+import functools
 import gc
 import os
 from typing import Callable, Optional
 
-_trim: Optional[Callable[[int], int]] = None
-_looked = False
 
-
+@functools.lru_cache(maxsize=None)
 def _malloc_trim() -> Optional[Callable[[int], int]]:
-    global _trim, _looked
-    if not _looked:
-        _looked = True
-        try:
-            glibc = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"; None or an error elsewhere
-        except (ValueError, OSError, AttributeError):
-            glibc = None
-        if glibc and glibc.startswith("glibc"):
-            try:
-                import ctypes
+    """glibc's malloc_trim, looked up once; None without glibc."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"; None or an error elsewhere
+    except (ValueError, OSError, AttributeError):
+        return None
+    if not (libc and libc.startswith("glibc")):
+        return None
+    try:
+        import ctypes
 
-                fn = ctypes.CDLL(None).malloc_trim  # the C library this interpreter runs on
-            except (ImportError, OSError, AttributeError):
-                fn = None
-            if fn is not None:
-                fn.argtypes = [ctypes.c_size_t]  # noqa: F821 (imported above)
-                fn.restype = ctypes.c_int
-                _trim = fn
-    return _trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this interpreter runs on
+    except (ImportError, OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def release() -> None:

@@ -268,9 +268,9 @@ class VMMonitor:
                     log.info("VM %s: QMP connected (%s)", self.name, self.state)
                     if self.resume_prelaunch:
                         await self._resume_from_prelaunch()
-                if self.connected:
-                    assert self._ready is not None
-                    self._ready.set()
+                    if self.connected:  # still, after the cont
+                        assert self._ready is not None
+                        self._ready.set()
                 while client.runstate == Runstate.RUNNING:
                     await client.runstate_changed()
             finally:
