@@ -170,3 +170,17 @@ def test_refuses_syntax_python39_cannot_parse(tmp_path):
     with pytest.raises(AssertionError, match=r"not Python 3\.9 syntax"):
         build_pyz(tmp_path / "v.pyz", top=top)
     assert not (tmp_path / "v.pyz").exists()
+
+
+def test_wheels_dir_is_the_only_source_offline(tmp_path):
+    """--wheels DIR builds from DIR alone (air-gapped sites): a wheel missing there is a
+    one-line error naming it and the command that fetches it, and nothing is downloaded."""
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, str(REPO / "build.py"), "--wheels", str(empty),
+                          "-o", str(tmp_path / "v.pyz")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.startswith("build.py: missing wheel %s/" % empty), out.stderr
+    assert "--download-wheels %s" % empty in out.stderr and "Traceback" not in out.stderr
+    assert list(empty.iterdir()) == [] and not (tmp_path / "v.pyz").exists()
