@@ -485,14 +485,14 @@ def measure_socket_path(port: int, seconds: float) -> Dict[str, object]:
 # --------------------------------------------------------------------------- vproxy
 
 async def vproxy_connect(agent, pki):
-    from vproxy.client import connect as vconnect
+    from vproxy.client.connection import connect as vconnect
 
     return await vconnect(agent.address, cert=pki["client_cert"], key=pki["client_key"],
                           ca=pki["ca"], server_name="localhost")
 
 
 async def vproxy_measure(agent, pki, seconds: float) -> Dict[str, object]:
-    from vproxy import benchmark
+    from vproxy.client import bench as benchmark
     from vproxy.mux import Priority
 
     client = await vproxy_connect(agent, pki)
@@ -538,7 +538,7 @@ async def vproxy_measure(agent, pki, seconds: float) -> Dict[str, object]:
 
 async def vproxy_once(agent, pki, idle: int, concurrent: int) -> Dict[str, object]:
     """Memory per idle stream, and many concurrent streams (once per run)."""
-    from vproxy import benchmark
+    from vproxy.client import bench as benchmark
 
     out: Dict[str, object] = {}
     client = await vproxy_connect(agent, pki)

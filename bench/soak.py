@@ -33,7 +33,7 @@ from agenttools import AgentProcess  # noqa: E402
 from pkitools import make_pki  # noqa: E402
 from vmtools import boot_sector_vm, expected_echo  # noqa: E402
 from vproxy.api import rfb_capture  # noqa: E402
-from vproxy.client import connect  # noqa: E402
+from vproxy.client.connection import connect  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vproxy import tls, transport  # noqa: E402
+from vproxy.security import tls
+from vproxy.net import transport  # noqa: E402
 
 BLOCKING = "blocking SSLSocket"
 SESSION = "vproxy session"  # one mux stream on a Session over vproxy.transport
@@ -50,7 +51,7 @@ PATHS = ("vproxy.transport", SESSION, "asyncio ssl", "plain TCP", BLOCKING)
 
 def make_certs(directory: str) -> Tuple[Tuple[str, str], Tuple[str, str], str]:
     """(server cert, key), (client cert, key), CA path."""
-    from vproxy import pki
+    from vproxy.security import pki
 
     ca_dir = Path(directory) / "ca"
     ca = pki.init_ca(ca_dir, common_name="bench CA")
@@ -219,7 +220,7 @@ def blocking_send(certs, port: int, seconds: float, block: bytes) -> float:
 
 def _session_sink_factory(sinks: list):
     """Sessions whose first stream is read to its end like Sink counts bytes."""
-    from vproxy.session import Session
+    from vproxy.net.session import Session
 
     async def on_open(stream) -> None:
         sink = Sink()
@@ -238,7 +239,7 @@ def _session_sink_factory(sinks: list):
 
 async def send_session(certs, port: int, seconds: float, block: bytes) -> float:
     from vproxy.mux import OpenRequest
-    from vproxy.session import Session
+    from vproxy.net.session import Session
 
     _, client_ctx = contexts(certs)
     _, session = await transport.create_connection(

@@ -5,10 +5,10 @@ of docs/ARCHITECTURE.md towards each other:
 - read(max_bytes) returns b"" once the peer half-closed and all was read;
 - write(data) waits for credit: at most `window` bytes sit unread at the peer;
 - close() half-closes; reset(code, message) ends both directions at once: every later
-  (and pending) read/write on either side raises vproxy.errors.StreamReset(code,
+  (and pending) read/write on either side raises vproxy.errors.StreamResetError(code,
   message), data not yet read is dropped;
 - notify(fields) / next_notice() carry NOTICEs, in order (next_notice raises the
-  StreamReset once the stream is reset and no notice is left);
+  StreamResetError once the stream is reset and no notice is left);
 - wait_closed() returns when both directions are closed, or after a reset.
 
 Plus helpers for tests: `read_until`, `read_exactly`, `collect_notices`.
@@ -17,7 +17,7 @@ Plus helpers for tests: `read_until`, `read_exactly`, `collect_notices`.
 import asyncio
 from typing import Dict, List, Optional, Tuple
 
-from vproxy.errors import StreamReset
+from vproxy.errors import StreamResetError
 
 try:
     from vproxy.mux import OpenRequest
@@ -45,7 +45,7 @@ class MemStream:
         self._buf = bytearray()  # bytes written by the peer, not yet read
         self._remote_ended = False
         self._local_ended = False
-        self._error: Optional[StreamReset] = None
+        self._error: Optional[StreamResetError] = None
         self._changed = asyncio.Event()  # anything happened on this side
         self._notices: "asyncio.Queue[Dict[str, str]]" = asyncio.Queue()
         self._closed = asyncio.Event()
@@ -93,7 +93,7 @@ class MemStream:
             if self._error is not None:
                 raise self._error
             if self._local_ended:
-                raise StreamReset(1, "write after close()")
+                raise StreamResetError(1, "write after close()")
             credit = self.window - len(self.peer._buf)
             if credit <= 0:
                 await self._wait()
@@ -114,7 +114,7 @@ class MemStream:
     def reset(self, code: int = 0, message: str = "") -> None:
         if self._error is not None:
             return
-        err = StreamReset(code, message)
+        err = StreamResetError(code, message)
         for side in (self, self.peer):
             side._error = err
             side._buf.clear()
@@ -145,7 +145,7 @@ class MemStream:
         return self._closed.is_set()
 
     @property
-    def error(self) -> Optional[StreamReset]:
+    def error(self) -> Optional[StreamResetError]:
         return self._error
 
     async def wait_closed(self) -> None:

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # so that `vproxy` imports from a plain checkout
     sys.path.insert(0, str(REPO))
 
-from vproxy import pki as vpki  # noqa: E402
-from vproxy import tls  # noqa: E402
+from vproxy.security import pki as vpki  # noqa: E402
+from vproxy.security import tls  # noqa: E402
 
 
 class CertPair(NamedTuple):

@@ -5,7 +5,7 @@ import socket
 from contextlib import asynccontextmanager
 
 from vproxy import mux
-from vproxy.session import Session
+from vproxy.net.session import Session
 
 TRANSPORTS = ["socketpair", "tls"]
 

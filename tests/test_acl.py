@@ -2,11 +2,11 @@
 
 import pytest
 
-from vproxy.acl import Acl, Rule
-from vproxy.config import parse_agent_config
+from vproxy.agent.acl import Acl, Rule
+from vproxy.agent.config import parse_agent_config
 from vproxy.errors import ChannelRefused, UserError
 from vproxy.mux import OpenRequest, RefuseCode
-from vproxy.tls import Identity
+from vproxy.security.tls import Identity
 
 
 def who(cn, *dns):

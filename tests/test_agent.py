@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from vproxy import tls
-from vproxy.agent import Agent, AgentConfig
-from vproxy.client import connect
+from vproxy.security import tls
+from vproxy.agent.server import Agent, AgentConfig
+from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused, UserError
 from vproxy.mux import RefuseCode
 
@@ -149,7 +149,7 @@ def test_serve_and_bench_from_the_command_line(pki, tmp_path):
 
 
 def test_resume_prelaunch_config_key_is_a_bool(tmp_path):
-    from vproxy.config import load_agent_config, parse_agent_config
+    from vproxy.agent.config import load_agent_config, parse_agent_config
 
     assert "resume_prelaunch" not in parse_agent_config({}).settings  # default: off (unset)
     for value in (True, False):
@@ -176,7 +176,7 @@ def test_resume_prelaunch_config_key_is_a_bool(tmp_path):
 def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
     """AgentConfig.resume_prelaunch -> VMRegistry -> VM -> VMMonitor, also for VMs found in
     vm_dir and VMs a reload adds; default off."""
-    from vproxy.reload import Settings
+    from vproxy.agent.reload import Settings
 
     import socket
 
@@ -218,7 +218,7 @@ def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
 def test_a_reload_says_resume_prelaunch_needs_a_restart(tmp_path):
     """Read at start only: a reload that finds it changed in the file says so, unless
     the command line set it (then the file's value does not count)."""
-    from vproxy.cli.serving import make_reloader
+    from vproxy.cli.serve import make_reloader
 
     config = tmp_path / "agent.toml"
     config.write_text("resume_prelaunch = true\n")
@@ -248,7 +248,7 @@ def _not_after(cert_path) -> float:
 def _own_ca(tmp_path, client):
     """A CA of the test's own (the session-wide one is not to be changed): its
     directory, ca.pem, a server certificate for localhost and a client's (cert, key)."""
-    from vproxy import pki as vpki
+    from vproxy.security import pki as vpki
 
     ca_dir = tmp_path / "ca"
     vpki.init_ca(ca_dir, common_name="expiry test CA")
@@ -323,7 +323,7 @@ def test_local_sessions_have_no_certificate_to_expire(pki):
     import shutil
     import tempfile
 
-    from vproxy.localmode import connect_local
+    from vproxy.client.local import connect_local
 
     where = tempfile.mkdtemp(prefix="vpx")
     path = os.path.join(where, "agent.sock")
@@ -407,7 +407,7 @@ def test_sessions_of_one_identity_beyond_its_limit_are_refused_with_a_reason(pki
 ])
 def test_a_per_identity_or_per_address_limit_key_and_flag(pki, tmp_path, key, second, refusal):
     """The key must be a positive int; the flag reaches the agent and beats the file."""
-    from vproxy.config import parse_agent_config
+    from vproxy.agent.config import parse_agent_config
 
     assert key not in parse_agent_config({}).settings  # no limit
     assert parse_agent_config({key: 3}).settings == {key: 3}
@@ -449,7 +449,7 @@ def test_a_per_identity_or_per_address_limit_key_and_flag(pki, tmp_path, key, se
 @pytest.mark.parametrize("key", ["max_sessions", "max_sessions_per_identity",
                                  "max_sessions_per_address", "max_streams"])
 def test_a_reload_says_a_session_limit_needs_a_restart(tmp_path, key):
-    from vproxy.cli.serving import make_reloader
+    from vproxy.cli.serve import make_reloader
 
     config = tmp_path / "agent.toml"
     config.write_text("%s = 3\n" % key)
@@ -467,7 +467,7 @@ def test_builtin_channels_everyone_acl_and_off(pki, caplog):
     """everyone (the default): any client; acl: the identities a rule grants "bench";
     off: nobody. A refusal is FORBIDDEN, says who, what and why, and is audited at INFO;
     `ls` stays open whatever the setting."""
-    from vproxy.acl import Acl, Rule
+    from vproxy.agent.acl import Acl, Rule
 
     acl = Acl([Rule(("alice",), ("*",), ("bench",), ("rw",)),
                Rule(("bob",), ("web*",), ("*",), ("force",))])  # bob: VMs, no bench
@@ -532,7 +532,7 @@ def test_builtin_channels_unknown_value_is_refused_by_the_api(pki):
 def test_builtin_channels_config_key_and_flag_and_bench(pki, tmp_path):
     """The flag beats the file; `vproxy bench` against a closed agent says why in one
     line (exit 2); a reload that finds the key changed says it needs a restart."""
-    from vproxy.cli.serving import make_reloader
+    from vproxy.cli.serve import make_reloader
 
     config = tmp_path / "agent.toml"
     config.write_text('builtin_channels = "everyone"\n')
@@ -642,7 +642,7 @@ async def _connect_from(source_ip, address, pki, pair):
     127.x.y.z on Linux): vproxy.client.connect has no source address to bind."""
     import socket
 
-    from vproxy.session import Session
+    from vproxy.net.session import Session
 
     host, port = address.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -692,7 +692,7 @@ def test_local_sessions_are_not_counted_per_address(pki):
     import shutil
     import tempfile
 
-    from vproxy.localmode import connect_local
+    from vproxy.client.local import connect_local
 
     where = tempfile.mkdtemp(prefix="vpx")
     path = os.path.join(where, "agent.sock")

@@ -37,8 +37,7 @@ from vmtools import boot_sector_vm, linux_vm
 
 import vproxy.api
 from vproxy.errors import ChannelRefused, UserError, VproxyError
-from vproxy.expect import (AsyncExpect, Expecter, ExpectEOF, ExpectTimeout, LoginFailed,
-                           compile_pattern, printable)
+from vproxy.api.expect import AsyncExpect, Expecter, ExpectEOF, ExpectTimeout, LoginFailed, compile_pattern, printable
 from vproxy.mux import RefuseCode
 
 BOOT_TIMEOUT = 180  # a loaded 2-core machine boots the Linux guest in 6-20 s under TCG
@@ -344,11 +343,11 @@ def test_the_plugin_is_registered_as_a_pytest11_entry_point():
     import pathlib
 
     pyproject = (pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    assert re.search(r'\[project\.entry-points\.pytest11\]\s*\nvproxy = "vproxy\.pytest_plugin"', pyproject)
+    assert re.search(r'\[project\.entry-points\.pytest11\]\s*\nvproxy = "vproxy\.api\.pytest_plugin"', pyproject)
 
 
 def test_the_plugin_module_imports_without_pytest():
-    code = ("import sys; sys.modules['pytest'] = None; import vproxy.pytest_plugin as p; "
+    code = ("import sys; sys.modules['pytest'] = None; import vproxy.api.pytest_plugin as p; "
             "assert p.pytest is None and not hasattr(p, 'vproxy_console'); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr

@@ -45,7 +45,7 @@ def test_user_errors_are_one_line_without_a_traceback():
 
 
 def test_every_config_key_is_in_vproxy_conf_5():
-    from vproxy.config import KEYS
+    from vproxy.agent.config import KEYS
 
     page = open(os.path.join(os.path.dirname(PAGE), "vproxy.conf.5")).read()
     documented = set(re.findall(r"Cm \[*([a-z_]+)", page)) | set(re.findall(r"\b([a-z_]+) =", page))

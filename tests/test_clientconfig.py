@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from vproxy.cli.common import resolve_client, tls_options
-from vproxy.clientconfig import layer, load_client_config, parse_client_config
+from vproxy.client.config import layer, load_client_config, parse_client_config
 from vproxy.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

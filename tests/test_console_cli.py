@@ -31,7 +31,7 @@ import pexpect
 import pytest
 
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect, run, short_socket_path
-from vproxy import terminal
+from vproxy.client import terminal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, XDG_CONFIG_HOME=tempfile.mkdtemp(prefix="vproxy-cfg"))
@@ -109,7 +109,7 @@ def spawn(pki, agent, *extra, pair=None):
 
 def wait_console_attached(pki, agent, min_offset=0, timeout=20):
     """Until the agent lists web1's console attached with at least min_offset bytes."""
-    from vproxy.client import connect
+    from vproxy.client.connection import connect
 
     async def poll():
         deadline = time.monotonic() + timeout

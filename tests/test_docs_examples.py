@@ -32,17 +32,17 @@ def blocks(text):
 
 
 def plugin_args():
-    """-p vproxy.pytest_plugin unless the installed package already registers it."""
+    """-p vproxy.api.pytest_plugin unless the installed package already registers it."""
     try:
         from importlib.metadata import entry_points
 
         eps = entry_points()
         group = eps.select(group="pytest11") if hasattr(eps, "select") else eps.get("pytest11", [])
-        if any(ep.value == "vproxy.pytest_plugin" for ep in group):
+        if any(ep.value == "vproxy.api.pytest_plugin" for ep in group):
             return []
     except Exception:  # noqa: BLE001
         pass
-    return ["-p", "vproxy.pytest_plugin"]
+    return ["-p", "vproxy.api.pytest_plugin"]
 
 
 @pytest.fixture(scope="module")

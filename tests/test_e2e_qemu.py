@@ -16,9 +16,9 @@ import pytest
 
 from agenttools import AgentProcess, read_until
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
-from vproxy.client import connect
+from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused
-from vproxy.forward import bridge
+from vproxy.client.forward import bridge
 from vproxy.mux import RefuseCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +182,7 @@ def test_qemu_killed_mid_stream_and_started_again(pki, tmp_path):
                          [{"identities": ["alice"]}])
     try:
         async def main():
-            from vproxy.errors import StreamReset
+            from vproxy.errors import StreamResetError
 
             client = await connect_as(pki, pki.alice, agent.address)
             one = await client.open("web1", "console")
@@ -190,7 +190,7 @@ def test_qemu_killed_mid_stream_and_started_again(pki, tmp_path):
             await one.write(b"a\r")
             await read_until(one, b"A\r\n")
             web1.kill()
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 while await asyncio.wait_for(one.read(), 20):
                     pass
             assert "web1" in info.value.message and "QEMU" in info.value.message
@@ -208,7 +208,7 @@ def test_qemu_killed_mid_stream_and_started_again(pki, tmp_path):
                     await again.write(b"back\r")
                     await read_until(again, b"BACK\r\n", timeout=3)
                     break
-                except (ChannelRefused, StreamReset, AssertionError, asyncio.TimeoutError):
+                except (ChannelRefused, StreamResetError, AssertionError, asyncio.TimeoutError):
                     assert time.monotonic() < deadline, "web1 was not served again"
                     if again is not None:
                         again.reset()  # give up the writer role before the next try

@@ -36,9 +36,9 @@ import pytest
 
 from agenttools import read_until, write_agent_config
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
-from vproxy import terminal
-from vproxy.client import connect
-from vproxy.console_client import ConsoleClient, ConsoleSettings
+from vproxy.client import terminal
+from vproxy.client.connection import connect
+from vproxy.client.console import ConsoleClient, ConsoleSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)

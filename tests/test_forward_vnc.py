@@ -28,12 +28,13 @@ import pytest
 
 from vmtools import boot_sector_vm, linux_vm
 from vmtools import read_until as sock_read_until
-from vproxy.acl import Acl
-from vproxy.agent import Agent, AgentConfig
+from vproxy.agent.acl import Acl
+from vproxy.agent.server import Agent, AgentConfig
 from vproxy.errors import UserError
-from vproxy.forward import Forwarder, ListenAddress, check_listen_safety, parse_listen
-from vproxy.localmode import connect_local
-from vproxy.vncviewer import find_viewer, viewer_argument
+from vproxy.client.forward import Forwarder
+from vproxy.net.address import ListenAddress, check_listen_safety, parse_listen
+from vproxy.client.local import connect_local
+from vproxy.client.vncviewer import find_viewer, viewer_argument
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

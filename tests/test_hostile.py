@@ -8,9 +8,10 @@ import ssl
 
 import pytest
 
-from vproxy import mux, tls
-from vproxy.agent import Agent, AgentConfig
-from vproxy.client import connect
+from vproxy import mux
+from vproxy.security import tls
+from vproxy.agent.server import Agent, AgentConfig
+from vproxy.client.connection import connect
 from vproxy.mux import frames as fr
 from vproxy.mux import RefuseCode
 

@@ -19,8 +19,8 @@ import time
 import pytest
 from agenttools import AgentProcess
 from vproxy import mux
-from vproxy.agent import RELEASE_DELAY
-from vproxy.client import connect
+from vproxy.agent.server import RELEASE_DELAY
+from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused
 from vproxy.mux import RefuseCode
 

@@ -18,13 +18,14 @@ import tempfile
 import pytest
 
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm
-from vproxy.acl import Acl, Rule
-from vproxy.agent import Agent, AgentConfig
-from vproxy.client import Client
+from vproxy.agent.acl import Acl, Rule
+from vproxy.agent.server import Agent, AgentConfig
+from vproxy.client.connection import Client
 from vproxy.errors import ChannelRefused, UserError
-from vproxy.localmode import LocalIdentity, connect_local, identity_for_uid
+from vproxy.net.peercred import LocalIdentity, identity_for_uid
+from vproxy.client.local import connect_local
 from vproxy.mux import OpenRequest, RefuseCode
-from vproxy.session import Session
+from vproxy.net.session import Session
 
 NOBODY = 65534
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from vproxy import ops
-from vproxy.agent import Agent, AgentConfig
-from vproxy.client import connect
+from vproxy.agent import logs as ops
+from vproxy.agent.server import Agent, AgentConfig
+from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused, SessionClosed, UserError
-from vproxy.metrics import parse_metrics_address
+from vproxy.agent.metrics import parse_metrics_address
 from vproxy.mux import RefuseCode
-from vproxy.sdnotify import Notifier
+from vproxy.agent.sdnotify import Notifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkitools import handshake, pki  # noqa: F401  (pki is a fixture)
-from vproxy import pki as vpki
-from vproxy import tls
-from vproxy.cli.pki_commands import pki as pki_group
+from vproxy.security import pki as vpki
+from vproxy.security import tls
+from vproxy.cli.pki import pki as pki_group
 from vproxy.errors import UserError
 
 UTC = dt.timezone.utc

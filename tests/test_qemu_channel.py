@@ -17,10 +17,10 @@ import pytest
 
 from memstream import open_channel, read_exactly, read_until
 from vmtools import boot_sector_vm, qemu_available
-from vproxy.errors import ChannelRefused, StreamReset
+from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
-from vproxy.qemu.provider import QemuProvider
-from vproxy.qemu.vms import VMRegistry
+from vproxy.agent.qemu.provider import QemuProvider
+from vproxy.agent.qemu.vms import VMRegistry
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -331,7 +331,7 @@ def test_linux_qemu_killed(linux_vm):
                 await s.write(b"ping\n")
                 assert await read_exactly(s, 5, timeout=30) == b"ping\n"
                 vm.kill()
-                with pytest.raises(StreamReset) as e:
+                with pytest.raises(StreamResetError) as e:
                     while await asyncio.wait_for(s.read(), 10):
                         pass
                 assert e.value.code == ResetCode.CHANNEL_GONE

@@ -15,10 +15,10 @@ import pytest
 
 from memstream import open_channel, read_exactly, read_until
 from vmtools import BOOT_SECTOR_BANNER, QemuVM, boot_sector_vm, expected_echo, qemu_available
-from vproxy.errors import ChannelRefused, StreamReset
+from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
-from vproxy.qemu.provider import QemuProvider
-from vproxy.qemu.vms import VMRegistry
+from vproxy.agent.qemu.provider import QemuProvider
+from vproxy.agent.qemu.vms import VMRegistry
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -391,7 +391,7 @@ def test_qemu_killed_and_restarted(tmp_path):
                 s = await open_channel(provider, "web1", "console", "rw", {"replay": "all"})
                 await read_until(s, BANNER)
                 a.kill()
-                with pytest.raises(StreamReset) as e:
+                with pytest.raises(StreamResetError) as e:
                     await asyncio.wait_for(s.read(), 10)
                 assert e.value.code == ResetCode.CHANNEL_GONE
                 assert e.value.message == "VM web1 went away (QEMU exited)"
@@ -498,7 +498,7 @@ def test_resume_prelaunch_keeps_boot_output_from_first_byte(vm, caplog):
 
             # a new QEMU process that comes up in prelaunch is resumed too
             vm.kill()
-            with pytest.raises(StreamReset):
+            with pytest.raises(StreamResetError):
                 await asyncio.wait_for(s.read(), 10)
             await end_quietly(s)
             deadline = time.monotonic() + 10
@@ -579,7 +579,7 @@ def test_resume_prelaunch_leaves_paused_and_inmigrate_alone(tmp_path, caplog, ho
 def test_resume_prelaunch_waits_for_every_owner(vm):
     """cont is sent only after every owner's on_connected has finished: an owner that
     takes its time still sees the VM in prelaunch at its end."""
-    from vproxy.qemu.monitor import MonitorOwner, VMMonitor
+    from vproxy.agent.qemu.monitor import MonitorOwner, VMMonitor
 
     vm.start()
 
@@ -611,8 +611,8 @@ def test_resume_prelaunch_waits_for_every_owner(vm):
 def test_resume_prelaunch_failure_is_a_warning(vm, caplog, failure):
     """A cont that fails is one warning; the supervisor goes on (the VM is served,
     and stays in prelaunch)."""
-    from vproxy.qemu.errors import QMPCommandError
-    from vproxy.qemu.monitor import VMMonitor
+    from vproxy.agent.qemu.errors import QMPCommandError
+    from vproxy.agent.qemu.monitor import VMMonitor
 
     caplog.set_level(logging.INFO, logger="vproxy.qemu.monitor")
     vm.start()

@@ -12,10 +12,10 @@ import pytest
 
 from memstream import open_channel, read_exactly
 from vmtools import boot_sector_vm, qemu_available
-from vproxy.qemu.errors import QMPCommandError, VMGone
-from vproxy.qemu.monitor import MonitorOwner, VMMonitor
-from vproxy.qemu.provider import QemuProvider
-from vproxy.qemu.vms import VMRegistry
+from vproxy.agent.qemu.errors import QMPCommandError, VMGone
+from vproxy.agent.qemu.monitor import MonitorOwner, VMMonitor
+from vproxy.agent.qemu.provider import QemuProvider
+from vproxy.agent.qemu.vms import VMRegistry
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -163,7 +163,7 @@ def test_concurrent_fd_passing(tmp_path):
 def test_reconfigure(tmp_path):
     """Configured VMs can change at run time (reload): a removed VM's streams are reset
     with the reason, an added one is served."""
-    from vproxy.errors import ChannelRefused, StreamReset
+    from vproxy.errors import ChannelRefused, StreamResetError
     from vproxy.mux import RefuseCode, ResetCode
 
     vm = boot_sector_vm(tmp_path, vnc=True, name="r1").start()
@@ -177,7 +177,7 @@ def test_reconfigure(tmp_path):
                 s = await open_channel(provider, "r1", "vnc")
                 assert await read_exactly(s, 12) == b"RFB 003.008\n"
                 assert await registry.reconfigure([]) == ([], ["r1"])
-                with pytest.raises(StreamReset) as e:
+                with pytest.raises(StreamResetError) as e:
                     while await asyncio.wait_for(s.read(), 10):
                         pass
                 assert e.value.code == ResetCode.CHANNEL_GONE

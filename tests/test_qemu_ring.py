@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vproxy.qemu.ring import RingBuffer
-from vproxy.qemu.vnc import SharedFlagFilter
+from vproxy.agent.qemu.ring import RingBuffer
+from vproxy.agent.qemu.vnc import SharedFlagFilter
 
 
 @settings(max_examples=100, deadline=None)

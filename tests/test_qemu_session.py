@@ -9,11 +9,11 @@ import pytest
 
 from agenttools import read_until
 from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qemu_available
-from vproxy.errors import ChannelRefused, StreamReset
+from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import OpenRequest, RefuseCode, ResetCode
-from vproxy.qemu.provider import QemuProvider
-from vproxy.qemu.vms import VMRegistry
-from vproxy.session import Session
+from vproxy.agent.qemu.provider import QemuProvider
+from vproxy.agent.qemu.vms import VMRegistry
+from vproxy.net.session import Session
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -77,7 +77,7 @@ def test_console_and_vnc_over_a_session(tmp_path):
 
                 vm.kill()
                 for s in (con, spy, vnc):
-                    with pytest.raises(StreamReset) as e:
+                    with pytest.raises(StreamResetError) as e:
                         while await asyncio.wait_for(s.read(), 10):
                             pass
                     assert e.value.code == ResetCode.CHANNEL_GONE

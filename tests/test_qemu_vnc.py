@@ -13,11 +13,11 @@ import pytest
 
 from memstream import open_channel, read_exactly
 from vmtools import QemuVM, boot_sector_vm, qemu_available
-from vproxy.errors import ChannelRefused, StreamReset
+from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
-from vproxy.qemu.provider import QemuProvider
-from vproxy.qemu.vms import VMRegistry
-from vproxy.qemu.vnc import SharedFlagFilter
+from vproxy.agent.qemu.provider import QemuProvider
+from vproxy.agent.qemu.vms import VMRegistry
+from vproxy.agent.qemu.vnc import SharedFlagFilter
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -191,7 +191,7 @@ def test_vnc_qemu_killed(tmp_path):
                 s = await open_channel(provider, "web1", "vnc")
                 await rfb_handshake(s)
                 vm.kill()
-                with pytest.raises(StreamReset) as e:
+                with pytest.raises(StreamResetError) as e:
                     await asyncio.wait_for(_drain(s), 10)
                 assert e.value.code == ResetCode.CHANNEL_GONE
                 assert e.value.message == "VM web1 went away (QEMU exited)"

@@ -23,15 +23,15 @@ import pytest
 
 from agenttools import read_until, write_agent_config
 
-from vproxy import crl as crlmod
-from vproxy import pki as vpki
-from vproxy import tls
-from vproxy.acl import Acl, Rule
-from vproxy.agent import Agent, AgentConfig
-from vproxy.client import connect
-from vproxy.errors import ChannelRefused, SessionClosed, StreamReset, UserError
+from vproxy.security import crl as crlmod
+from vproxy.security import pki as vpki
+from vproxy.security import tls
+from vproxy.agent.acl import Acl, Rule
+from vproxy.agent.server import Agent, AgentConfig
+from vproxy.client.connection import connect
+from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserError
 from vproxy.mux import RefuseCode
-from vproxy.reload import ACL_REVOKED, Settings
+from vproxy.agent.reload import ACL_REVOKED, Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -134,7 +134,7 @@ async def reset_reason(stream) -> Exception:
         while True:
             chunk = await asyncio.wait_for(stream.read(), 5)
             assert chunk, "the stream ended cleanly instead of failing"
-    except (StreamReset, SessionClosed) as e:
+    except (StreamResetError, SessionClosed) as e:
         return e
 
 
@@ -169,7 +169,7 @@ def test_a_reload_that_removes_a_rule_resets_only_that_identitys_streams(own_pki
         outcome = await agent.reload(settings_of(own_pki, rules("bob")))
         assert outcome.streams_reset == 1 and outcome.sessions_ended == 0
         error = await reset_reason(a_console)
-        assert isinstance(error, StreamReset) and error.message == ACL_REVOKED
+        assert isinstance(error, StreamResetError) and error.message == ACL_REVOKED
         assert await echoes(b_console, b"bob goes on")
         assert await echoes(a_echo, b"alice's session lives")
         with pytest.raises(ChannelRefused) as info:
@@ -199,7 +199,7 @@ def test_a_reload_that_takes_bench_away_resets_the_built_in_streams_of_that_iden
         outcome = await agent.reload(settings_of(own_pki, rules("bob", **bench)))
         assert outcome.streams_reset == 1
         error = await reset_reason(a_echo)
-        assert isinstance(error, StreamReset) and error.message == ACL_REVOKED
+        assert isinstance(error, StreamResetError) and error.message == ACL_REVOKED
         assert await echoes(b_echo, b"bob goes on")
         await alice.close()
         await bob.close()
@@ -215,7 +215,7 @@ def test_a_mode_taken_away_resets_the_stream_that_used_it(own_pki):
         ro = await alice.open("web1", "console", "ro")
         outcome = await agent.reload(settings_of(own_pki, rules("alice", modes=("ro",))))
         assert outcome.streams_reset == 1
-        assert isinstance(await reset_reason(rw), StreamReset)
+        assert isinstance(await reset_reason(rw), StreamResetError)
         assert await echoes(ro)
         await alice.close()
         await agent.shutdown(drain_timeout=1)
@@ -477,7 +477,7 @@ def test_sighup_against_a_real_vm(own_pki, tmp_path):
             agent.signal(signal.SIGHUP)
             assert "reset 1 stream(s)" in agent.expect("reloaded")
             error = await reset_reason(a_console)
-            assert isinstance(error, StreamReset) and error.message == ACL_REVOKED
+            assert isinstance(error, StreamResetError) and error.message == ACL_REVOKED
             await asyncio.sleep(0.2)  # the writer role passes to bob
             await b_console.write(b"two\r")
             await read_until(b_console, b"TWO\r\n")
@@ -552,7 +552,7 @@ def test_sighup_changes_the_vm_list(own_pki, tmp_path):
             agent.signal(signal.SIGHUP)
             assert "VMs removed: web1" in agent.expect("reloaded")
             error = await reset_reason(one)
-            assert isinstance(error, StreamReset)
+            assert isinstance(error, StreamResetError)
             assert error.message == "VM web1 was removed from the agent's configuration"
             await two.write(b"still\r")
             await read_until(two, b"STILL\r\n")

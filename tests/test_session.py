@@ -9,10 +9,10 @@ import time
 import pytest
 
 from vproxy import mux
-from vproxy.errors import ChannelRefused, SessionClosed, StreamReset
+from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
 from vproxy.mux import OpenRequest, Priority
 from vproxy.mux import frames as fr
-from vproxy.session import Session
+from vproxy.net.session import Session
 from sessiontools import TRANSPORTS, echo_handler, session_pair
 
 
@@ -71,7 +71,7 @@ def test_reset_with_code_and_notices(kind, pki):
     async def main():
         async with session_pair(kind, pki, echo_handler) as (client, server):
             stream = await client.open(req("reset"))
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await stream.read()
             assert info.value.code == mux.ResetCode.CHANNEL_GONE
             assert "went away" in info.value.message

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pkitools import handshake, pki  # noqa: F401  (pki is a fixture)
-from vproxy import tls
+from vproxy.security import tls
 from vproxy.errors import UserError, VproxyError
 
 
@@ -412,7 +412,7 @@ def test_expiry_watch_looks_again_when_early_and_fires_once_after_not_after():
     import asyncio
     import time
 
-    from vproxy.tls import ExpiryWatch
+    from vproxy.security.tls import ExpiryWatch
 
     async def main():
         loop = asyncio.get_event_loop()

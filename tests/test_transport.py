@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pkitools import pki  # noqa: E402,F401  (pki is a fixture)
 
-from vproxy import transport  # noqa: E402
-from vproxy.tls import describe_tls_error  # noqa: E402
+from vproxy.net import transport  # noqa: E402
+from vproxy.security.tls import describe_tls_error  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -83,7 +83,7 @@ class DemoVM:
     """QEMU running the boot-sector guest, with a QMP socket in *workdir*."""
 
     def __init__(self, qemu: str, workdir: Path):
-        from .guests.bootsector import build_boot_disk
+        from vproxy.guests.bootsector import build_boot_disk
 
         self.workdir = workdir
         disk = build_boot_disk(workdir / "bootsector.img")
@@ -175,7 +175,7 @@ def _screenshot_path(wanted: Optional[str]) -> Path:
 
 
 def _console_line(data: bytes) -> str:
-    from .expect import printable
+    from vproxy.api.expect import printable
 
     return printable(data.rstrip(b"\r\n"))
 
@@ -248,7 +248,7 @@ class Demo:
                 signal.signal(sig, handler)
 
     def _pki(self) -> None:
-        from . import pki
+        from .security import pki
 
         t = time.monotonic()
         d = self.workdir / "pki"  # type: ignore[operator]
@@ -264,8 +264,8 @@ class Demo:
 
     async def _session(self, audit: _AuditCollector) -> None:
         from . import api
-        from .acl import Acl, Rule
-        from .agent import Agent, AgentConfig
+        from vproxy.agent.acl import Acl, Rule
+        from vproxy.agent.server import Agent, AgentConfig
 
         f = self.files
         config = AgentConfig(listen_host="127.0.0.1", listen_port=0, cert=f["server_cert"],

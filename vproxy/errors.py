@@ -3,7 +3,7 @@
     VproxyError                 base of everything vproxy raises on purpose
      +-- UserError              a mistake the user can fix; the CLI prints one line, no traceback
      +-- ChannelRefused         the agent refused to open a channel (code, message)
-     +-- StreamReset            a stream was reset by either side (code, message)
+     +-- StreamResetError       a stream was reset by either side (code, message)
      +-- SessionClosed          the session ended (reason)
 
 Protocol violations live in vproxy.mux.errors: they are the sans-IO core's own.
@@ -35,7 +35,7 @@ class ChannelRefused(VproxyError):
         self.message = message
 
 
-class StreamReset(VproxyError):
+class StreamResetError(VproxyError):
     """The stream was reset; code is a vproxy.mux.ResetCode."""
 
     def __init__(self, code: int, message: str = ""):
@@ -51,3 +51,8 @@ class SessionClosed(VproxyError):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+# The name this exception had before 0.2, when it shared it with vproxy.mux's event:
+# scripts that catch vproxy.errors.StreamReset keep working.
+StreamReset = StreamResetError

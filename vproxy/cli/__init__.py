@@ -9,12 +9,12 @@ import sys
 
 import click
 
-from ..errors import UserError
+from vproxy.errors import UserError
 from .common import EXIT_INTERRUPTED, client_config, resolve_client, resolve_tls, run_async, tls_options
 
 
 def _version() -> str:
-    from .._version import version_line
+    from vproxy._version import version_line
 
     return version_line()
 
@@ -110,12 +110,12 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
       vproxy serve --identity vmhost1 --vm web1=/run/qemu/web1.qmp --allow alice
       vproxy serve --config /etc/vproxy/agent.toml
     """
-    from ..acl import Rule
-    from ..agent import Agent, AgentConfig
-    from ..client import parse_address
-    from ..config import load_agent_config
-    from ..errors import UserError
-    from .serving import make_reloader, run_agent
+    from vproxy.agent.acl import Rule
+    from vproxy.agent.server import Agent, AgentConfig
+    from vproxy.net.address import parse_address
+    from vproxy.agent.config import load_agent_config
+    from vproxy.errors import UserError
+    from .serve import make_reloader, run_agent
 
     file_config = load_agent_config(config_path)
     settings = file_config.settings
@@ -187,7 +187,7 @@ def ls_command(hosts, as_json: bool, **tls_args) -> None:
     Example:
       vproxy ls vmhost1 vmhost2 --identity alice
     """
-    from .serving import run_ls
+    from .serve import run_ls
 
     if not hosts:
         config = client_config(tls_args)
@@ -216,7 +216,7 @@ def bench(host: str, seconds: float, streams: int, as_json: bool, **tls_args) ->
     Example:
       vproxy bench vmhost1 --identity alice --seconds 5
     """
-    from .serving import run_bench
+    from .serve import run_bench
 
     code = run_async(run_bench(resolve_client(host, tls_args), seconds, streams, as_json))
     sys.exit(code)
@@ -226,21 +226,21 @@ def mux_config(settings):
     """The session limits the config file may set (max_streams), or the defaults."""
     if "max_streams" not in settings:
         return None
-    from ..mux import Config
+    from vproxy.mux import Config
 
     return Config(max_streams=settings["max_streams"])
 
 
 def _add_optional_commands() -> None:
-    from .forward_cmds import forward, vnc
-    from .pki_commands import pki
+    from .forward import forward, vnc
+    from .pki import pki
 
     main.add_command(pki)
-    from .demo_cmd import completion, demo
+    from .demo import completion, demo
 
     main.add_command(demo)
     main.add_command(completion)
-    from .console_cmd import console; main.add_command(console)
+    from .console import console; main.add_command(console)
     main.add_command(vnc)
     main.add_command(forward)
 

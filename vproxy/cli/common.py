@@ -1,12 +1,11 @@
 """Options and helpers shared by the commands."""
 
-import os
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import click
 
-from ..errors import UserError
+from vproxy.errors import UserError
 
 EXIT_USAGE = 2  # a user error: bad option, missing file, refused by the agent
 EXIT_UNREACHABLE = 3  # the agent could not be reached, or the session died
@@ -66,20 +65,20 @@ def resolve_tls(args: Dict[str, Optional[str]], server: bool,
 def resolve_client(host: str, args: Dict[str, Optional[str]]):
     """HOST (a name from the client config, HOST[:PORT], or unix:/PATH) and the TLS
     options -> a vproxy.clientconfig.Target; `await target.connect()` gives a Client."""
-    from ..clientconfig import Target
+    from vproxy.client.config import Target
 
     address, paths, server_name = _client_settings(args, host)
     return Target(host, address, paths, server_name)
 
 
 def client_config(args: Dict[str, Optional[str]]):
-    from ..clientconfig import load_client_config
+    from vproxy.client.config import load_client_config
 
     return load_client_config(args.get("client_config"))
 
 
 def _client_settings(args: Dict[str, Optional[str]], host: Optional[str]):
-    from ..clientconfig import TLS_KEYS, host_address, host_settings, is_local_address, layer
+    from vproxy.client.config import TLS_KEYS, host_address, host_settings, is_local_address, layer
 
     config = client_config(args)
     address = host_address(config, host) if host else ""
@@ -108,7 +107,7 @@ def _split_by_source(args: Dict[str, Optional[str]], keys) -> tuple:
 
 
 def _paths(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optional[str]]:
-    from ..pki import default_pki_dir
+    from vproxy.security.pki import default_pki_dir
 
     pki_dir = Path(args.get("pki_dir") or default_pki_dir()).expanduser()
     cert, key, ca, crl = args.get("cert"), args.get("key"), args.get("ca"), args.get("crl")

@@ -1,0 +1,96 @@
+"""The agent's configuration file (TOML; see man/vproxy.conf.5).
+
+    listen = "0.0.0.0:7443"
+    identity = "vmhost1"            # or cert/key/ca/crl paths
+    vm_dir = "/run/vproxy/qmp"      # every socket NAME.qmp in it is VM NAME
+    console_ring = 1048576          # bytes of console history kept per console
+    console_log_dir = "/var/log/vproxy/consoles"
+    audit_log = "/var/log/vproxy/audit.log"
+    local_socket = "/run/vproxy/agent.sock"   # also serve local users, known by uid
+    resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
+    builtin_channels = "acl"        # sink/source/echo: "everyone" (default), "acl", "off"
+
+    [[vm]]
+    name = "web1"
+    qmp = "/run/qemu/web1.qmp"
+
+    [[allow]]
+    identities = ["alice", "ops-*"]
+    vms = ["web*"]
+    channels = ["console", "vnc", "channel:org.qemu.guest_agent.0"]
+    modes = ["rw"]
+
+Everything wrong in the file is a UserError naming the file and the key.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .acl import BUILTIN_POLICIES, Acl, rule_from_dict
+from vproxy.errors import UserError
+from vproxy.tomlfile import load_toml
+
+KEYS = {
+    "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
+    "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
+    "console_log_dir": str, "max_sessions": int, "max_sessions_per_identity": int,
+    "max_sessions_per_address": int,
+    "max_streams": int, "vm": list, "allow": list, "local_socket": str,
+    "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
+    "builtin_channels": str,
+}
+
+
+@dataclass
+class AgentFileConfig:
+    settings: Dict[str, Any] = field(default_factory=dict)  # the scalar keys, as given
+    vms: List[Tuple[str, str]] = field(default_factory=list)  # (name, qmp path)
+    acl: Acl = field(default_factory=Acl)
+
+
+def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileConfig:
+    out = AgentFileConfig()
+    for key, value in data.items():
+        kind = KEYS.get(key)
+        if kind is None:
+            raise UserError("%s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(KEYS))))
+        if kind is bool:  # the only boolean key: true or false, nothing else
+            if not isinstance(value, bool):
+                raise UserError("%s: %s must be true or false, not %r (%s)"
+                                % (path, key, value, type(value).__name__))
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError("%s: %s has the wrong type (%s)" % (path, key, type(value).__name__))
+        if key not in ("vm", "allow"):
+            out.settings[key] = value
+    for index, vm in enumerate(data.get("vm", [])):
+        where = "%s: [[vm]] #%d" % (path, index + 1)
+        if not isinstance(vm, dict) or set(vm) != {"name", "qmp"} or not all(isinstance(v, str) and v for v in vm.values()):
+            raise UserError("%s: needs exactly name = \"...\" and qmp = \"/path/to/qmp.sock\"" % where)
+        if any(vm["name"] == name for name, _ in out.vms):
+            raise UserError("%s: VM %r is configured twice" % (where, vm["name"]))
+        out.vms.append((vm["name"], vm["qmp"]))
+    rules = []
+    for index, rule in enumerate(data.get("allow", [])):
+        where = "%s: [[allow]] #%d" % (path, index + 1)
+        if not isinstance(rule, dict):
+            raise UserError("%s: must be a table" % where)
+        rules.append(rule_from_dict(rule, where))
+    out.acl = Acl(rules)
+    for key in ("console_ring", "max_sessions", "max_sessions_per_identity",
+                "max_sessions_per_address", "max_streams"):
+        if out.settings.get(key, 1) <= 0:
+            raise UserError("%s: %s must be positive" % (path, key))
+    if out.settings.get("drain_timeout", 0) < 0:
+        raise UserError("%s: drain_timeout must not be negative" % path)
+    if out.settings.get("builtin_channels", "everyone") not in BUILTIN_POLICIES:
+        raise UserError("%s: builtin_channels must be \"everyone\", \"acl\" or \"off\", not %r"
+                        % (path, out.settings["builtin_channels"]))
+    if out.settings.get("log_format", "text") not in ("text", "json"):
+        raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
+    return out
+
+
+def load_agent_config(path: Optional[str]) -> AgentFileConfig:
+    if not path:
+        return AgentFileConfig()
+    return parse_agent_config(load_toml(path), path)

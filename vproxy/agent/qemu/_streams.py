@@ -1,0 +1,94 @@
+"""Small helpers shared by the channel kinds: codes, option parsing, stream etiquette
+and copying bytes between a stream and a non-blocking socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, Dict, Mapping, Optional
+
+from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
+from vproxy.mux import RefuseCode, ResetCode
+
+log = logging.getLogger("vproxy.qemu")
+
+CHUNK = 65536
+
+#: What a stream's read/write raise when the stream or the session is over.
+STREAM_ERRORS = (StreamResetError, SessionClosed, ConnectionError)
+
+__all__ = ["RefuseCode", "ResetCode", "CHUNK", "STREAM_ERRORS", "refuse", "int_option",
+           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream"]
+
+
+def refuse(code: int, message: str) -> ChannelRefused:
+    return ChannelRefused(code, message)
+
+
+def int_option(options: Mapping[str, str], name: str) -> Optional[int]:
+    """A non-negative integer option, None if absent; BAD_REQUEST if malformed."""
+    value = options.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value, 10)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise refuse(RefuseCode.BAD_REQUEST,
+                     "option %s=%r is not a non-negative integer" % (name, value))
+    return n
+
+
+def safe_notify(stream: Any, fields: Dict[str, str]) -> None:
+    try:
+        stream.notify(fields)
+    except Exception:  # the stream is already over: nothing to tell
+        pass
+
+
+def safe_reset(stream: Any, code: int, message: str) -> None:
+    try:
+        stream.reset(code, message)
+    except Exception:
+        pass
+
+
+async def safe_close(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> None:
+    """Copy until EOF on *sock*; returns normally at EOF, raises on stream errors."""
+    loop = asyncio.get_event_loop()
+    while True:
+        try:
+            data = await loop.sock_recv(sock, CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            return
+        await stream.write(data)
+
+
+class GoneOnQemuExit:
+    """For channels that copy between a stream and a QEMU socket with tasks: when QEMU
+    goes away, reset the stream (CHANNEL_GONE, with the reason) and stop the copying.
+    Subclasses set _stream, _gone_reason and _tasks in __init__."""
+
+    _stream: Any
+    _gone_reason: str
+    _tasks: list
+
+    def gone(self, reason: str) -> None:
+        if self._gone_reason:
+            return
+        self._gone_reason = reason
+        if self._stream is not None:
+            safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
+        for t in self._tasks:
+            t.cancel()
