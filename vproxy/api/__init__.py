@@ -24,8 +24,8 @@ Rules this module keeps:
   VPROXY_CRL (an explicit --cert beats an identity, as in the CLI).
 - Everything raised on purpose is a vproxy.errors.VproxyError: UserError (cannot
   connect, missing file), ChannelRefused (the agent's code and reason), StreamResetError,
-  SessionClosed, ConsoleReadOnly, and vproxy.expect's ExpectTimeout / ExpectEOF /
-  LoginFailed.
+  SessionClosed, ConsoleReadOnly, and ExpectTimeout / ExpectEOF / LoginFailed (from
+  vproxy.api.expect, exported here).
 - Opening retries, for up to ``wait`` seconds, while the agent answers UNAVAILABLE or
   NO_SUCH_VM (a VM still starting); any other refusal is raised at once.
 - Input is never dropped silently: on a console opened "rw" where someone else is the
@@ -54,7 +54,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple, Union
 
 from vproxy.client import connection as _client
 from vproxy.errors import ChannelRefused, SessionClosed, UserError, VproxyError
-from .expect import AsyncExpect, Patterns, PatternLike
+from .expect import AsyncExpect, ExpectEOF, ExpectTimeout, LoginFailed, PatternLike, Patterns
 from vproxy.client.forward import bridge
 from vproxy.mux import RefuseCode, ResetCode
 
@@ -73,6 +73,9 @@ __all__ = [
     "ConsoleReadOnly",
     "RfbError",
     "resolve_credentials",
+    "ExpectTimeout",
+    "ExpectEOF",
+    "LoginFailed",
 ]
 
 log = logging.getLogger("vproxy.api")
@@ -249,8 +252,6 @@ class AsyncConsole(AsyncStream):
         if self.requested_mode == "ro":
             raise ConsoleReadOnly("%s was opened read-only (mode='ro'): cannot send input" % self.name)
         # A writer that just left may still be lingering at the agent: give it a moment.
-        from .expect import ExpectTimeout
-
         try:
             await self.wait_for_writer(min(WRITER_GRACE, self.timeout))
         except ExpectTimeout:
@@ -267,9 +268,7 @@ class AsyncConsole(AsyncStream):
         while self.mode == "ro":
             left = deadline - time.monotonic()
             if left <= 0:
-                from .expect import ExpectTimeout
-
-                raise ExpectTimeout("%s: still read-only after %.1f s (writer: %s)"
+                        raise ExpectTimeout("%s: still read-only after %.1f s (writer: %s)"
                                     % (self.name, timeout, self.writer))
             try:
                 notice = await asyncio.wait_for(self.stream.next_notice(), left)
