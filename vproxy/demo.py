@@ -104,19 +104,20 @@ class DemoVM:
         ]
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0) -> "subprocess.Popen[bytes]":
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True,
+                                                preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while not self.qmp_path.exists():
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise UserError("QEMU exited with status %s at start: %s" % (
-                    self.proc.returncode, self.log_text().strip().replace("\n", " | ")))
+                    proc.returncode, self.log_text().strip().replace("\n", " | ")))
             if time.monotonic() > deadline:
                 raise UserError("QEMU's QMP socket did not appear within %.0f s" % timeout)
             time.sleep(0.01)
+        return proc
 
     def log_text(self) -> str:
         try:
@@ -206,10 +207,10 @@ class Demo:
             self._pki()
             self.vm = DemoVM(qemu, self.workdir)
             t = time.monotonic()
-            self.vm.start()
+            proc = self.vm.start()
             self.step("vm", "%s pid %d (TCG, 32 MiB): the 512-byte boot-sector guest, "
                       "console on serial0, VGA display  %.2f s"
-                      % (os.path.basename(qemu), self.vm.proc.pid, time.monotonic() - t))
+                      % (os.path.basename(qemu), proc.pid, time.monotonic() - t))
             with _AuditCollector() as audit:
                 asyncio.run(self._session(audit))
             return 0

@@ -30,7 +30,7 @@ from .acl import BUILTIN_POLICIES, Acl, rule_from_dict
 from vproxy.errors import UserError
 from vproxy.tomlfile import load_toml
 
-KEYS = {
+KEYS: Dict[str, Any] = {  # key -> its type, or a tuple of types, for isinstance
     "listen": str, "identity": str, "cert": str, "key": str, "ca": str, "crl": str, "pki_dir": str,
     "handshake_timeout": (int, float), "audit_log": str, "vm_dir": str, "console_ring": int,
     "console_log_dir": str, "max_sessions": int, "max_sessions_per_identity": int,

@@ -212,9 +212,10 @@ class Expecter:
                     best, best_index = m, i
         if best is None or _TRAILER.sub(b"", view[best.end():]).strip():
             return None
-        m = compiled[best_index].search(bytes(self.buffer), base + best.start())
-        self._consume(m, best_index)
-        return m
+        found = compiled[best_index].search(bytes(self.buffer), base + best.start())
+        assert found is not None  # finditer just found it in this very buffer
+        self._consume(found, best_index)
+        return found
 
     def _consume(self, m: Any, index: int) -> None:
         self.before = m.string[: m.start()]

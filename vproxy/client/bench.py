@@ -46,7 +46,7 @@ async def upload(client: Client, seconds: float) -> float:
     answer = await stream.read()
     elapsed = time.perf_counter() - start
     if int(answer or b"0") != sent:
-        raise RuntimeError("the agent's sink counted %s bytes, we sent %d" % (answer, sent))
+        raise RuntimeError("the agent's sink counted %r bytes, we sent %d" % (answer, sent))
     return sent / elapsed / 1e6
 
 
@@ -67,7 +67,7 @@ async def download(client: Client, seconds: float) -> float:
 
 async def round_trips(client: Client, seconds: float, max_samples: int = 20000) -> List[float]:
     stream = await client.open("", "echo", priority=Priority.INTERACTIVE)
-    samples = []
+    samples: List[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline and len(samples) < max_samples:
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ import asyncio
 import os
 import stat
 import termios
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
 DEFAULT_ESCAPE = "^]"
 
@@ -117,7 +117,7 @@ _IFLAG, _OFLAG, _CFLAG, _LFLAG, _CC = 0, 1, 2, 3, 6
 def raw_attributes(attrs: list) -> list:
     """What cfmakeraw(3) makes of *attrs*: no echo, no line editing, no signals from
     keys, no CR/NL translation either way, 8-bit characters, read returns each byte."""
-    new = [list(a) if isinstance(a, list) else a for a in attrs]
+    new: List[Any] = [list(a) if isinstance(a, list) else a for a in attrs]
     new[_IFLAG] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
                      | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
     new[_OFLAG] &= ~termios.OPOST

@@ -37,7 +37,7 @@ floppy).
 
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 __all__ = [
     "BANNER",
@@ -73,7 +73,7 @@ def _w(value: int) -> bytes:
 #   ("call16", label, "asm")                       3 bytes: E8 rel16
 #   ("imm16", prefix_bytes, label, "asm")          prefix, absolute address of label
 #   ("far16", label, "asm")                        EA off16 seg16(0): jmp 0000:label
-_Item = Tuple[Union[str, bytes, int], ...]
+_Item = Tuple[Any, ...]  # (kind, operands...): what each kind holds is in _size and _assemble
 
 
 def _program(banner: bytes) -> List[_Item]:
@@ -208,13 +208,13 @@ def _size(item: _Item) -> int:
     if kind == "label":
         return 0
     if kind == "bytes":
-        return len(item[1])  # type: ignore[arg-type]
+        return len(item[1])
     if kind == "jcc8":
         return 2
     if kind == "call16":
         return 3
     if kind == "imm16":
-        return len(item[1]) + 2  # type: ignore[arg-type]
+        return len(item[1]) + 2
     if kind == "far16":
         return 5
     raise ValueError("unknown item kind %r" % (kind,))
@@ -239,16 +239,16 @@ def _assemble(items: List[_Item]) -> bytes:
         kind = item[0]
         end = len(out) + _size(item)
         if kind == "bytes":
-            out += item[1]  # type: ignore[operator]
+            out += item[1]
         elif kind == "jcc8":
             rel = labels[item[2]] - end
             if not -128 <= rel <= 127:
                 raise ValueError("short jump to %r out of range (%d)" % (item[2], rel))
-            out += bytes((item[1], rel & 0xFF))  # type: ignore[arg-type]
+            out += bytes((item[1], rel & 0xFF))
         elif kind == "call16":
             out += b"\xe8" + _w(labels[item[1]] - end)
         elif kind == "imm16":
-            out += item[1] + _w(_LOAD_ADDRESS + labels[item[2]])  # type: ignore[operator]
+            out += item[1] + _w(_LOAD_ADDRESS + labels[item[2]])
         elif kind == "far16":
             out += b"\xea" + _w(_LOAD_ADDRESS + labels[item[1]]) + _w(0)
         assert len(out) == end
