@@ -64,7 +64,7 @@ def resolve_tls(args: Dict[str, Optional[str]], server: bool,
 
 def resolve_client(host: str, args: Dict[str, Optional[str]]):
     """HOST (a name from the client config, HOST[:PORT], or unix:/PATH) and the TLS
-    options -> a vproxy.clientconfig.Target; `await target.connect()` gives a Client."""
+    options -> a vproxy.client.config.Target; `await target.connect()` gives a Client."""
     from vproxy.client.config import Target
 
     address, paths, server_name = _client_settings(args, host)
