@@ -138,10 +138,10 @@ def _paths(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optional[s
 
 def run_async(coro) -> int:
     """Run a coroutine to completion; Ctrl-C ends it quietly."""
-    import asyncio
+    import asyncio  # lazy: --help never runs a coroutine, and asyncio brings ssl
 
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         click.echo("vproxy: interrupted", err=True)
-        raise SystemExit(EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED) from None

@@ -58,7 +58,7 @@ def _check_channel(channel: str) -> None:
 
 
 async def run_forward(target, vm: str, channel: str, mode: str, listen) -> int:
-    # lazy: asyncio and ssl stay out of --help
+    # lazy: asyncio and ssl (which the client brings) stay out of --help
     from vproxy.client.forward import Forwarder
     from ._forwarding import Link, check_vm, say, until_signal
 

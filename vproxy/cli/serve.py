@@ -69,13 +69,14 @@ from .common import resolve_tls, run_async, tls_options
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
           handshake_timeout, drain_timeout, metrics, resume_prelaunch, max_sessions_per_identity,
-          max_sessions_per_address, builtin_channels, log_format, audit_log, local_socket, **tls_args) -> None:
+          max_sessions_per_address, builtin_channels, log_format, audit_log, local_socket,
+          **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
 
     Access is denied unless an ACL rule (config file, or --allow) grants it. The
     built-in channels sink, source and echo (used by `vproxy bench`) are open to any
-    client whose certificate the CA signed, unless --builtin-channels says otherwise. SIGHUP reloads the certificates, CA, CRL,
-    ACL and VM list; SIGTERM drains.
+    client whose certificate the CA signed, unless --builtin-channels says otherwise.
+    SIGHUP reloads the certificates, CA, CRL, ACL and VM list; SIGTERM drains.
 
     \b
     Examples:
@@ -159,9 +160,9 @@ async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "
     """Run the agent until SIGTERM/SIGINT (then drain; a second signal cuts the drain
     short). SIGHUP reloads: reloader() returns the new vproxy.agent.reload.Settings. With
     NOTIFY_SOCKET set, tells systemd (READY, RELOADING, STOPPING, STATUS)."""
-    import asyncio  # lazy, with the agent's modules below: --help does without them
+    # lazy: asyncio and the agent's modules are for running it, not for --help
+    import asyncio
     import signal
-
     from vproxy.agent.logs import formatter_for, say, use_log_format
     from vproxy.agent.sdnotify import Notifier
 

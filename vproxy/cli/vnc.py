@@ -52,8 +52,8 @@ def vnc(host: str, vm: str, listen: str, unsafe_listen: bool, no_viewer: bool, *
 
 
 async def run_vnc(target, vm: str, listen, viewer: Optional[Tuple[str, str]]) -> int:
-    import asyncio  # lazy, like the imports below: asyncio and ssl stay out of --help
-
+    # lazy: asyncio and ssl (which the client brings) stay out of --help
+    import asyncio
     from vproxy.client.forward import Forwarder
     from vproxy.client.vncviewer import viewer_argument, viewer_command
     from vproxy.mux import RefuseCode
