@@ -14,7 +14,7 @@ interrupted):
   `ssh -N -L` clients: OpenSSH's default cipher and aes128-gcm@openssh.com;
 - stunnel (client and server instances) with mutual TLS 1.3, certificates from
   `vproxy pki`;
-- a vproxy agent (`vproxy serve`), measured through the Python API (vproxy.client.connection)
+- a vproxy agent (`vproxy serve`), measured through the Python API (vproxy.client)
   against its built-in sink, source and echo channels.
 
 Metrics, per path:
