@@ -9,13 +9,13 @@ The archive holds, at its root:
   <dist>.dist-info/  their METADATA and license files, nothing else
 
   _native/<arch>/     cryptography's and cffi's manylinux wheels, stored as they are, for
-                     `vproxy pki` only (see NATIVE below and vproxy/_native.py)
+                     `vproxy pki` only (see NATIVE below and vproxy/security/native.py)
 
 zipapp puts the archive itself first on sys.path, so the vendored packages win over
 whatever the host has installed. `cryptography` cannot ride in that path: native code
 cannot be imported from a zip, and cffi's native module is built per Python version. So
 its wheels go in as data (one abi3 cryptography wheel per architecture, one cffi wheel
-per architecture and Python), and vproxy/_native.py unpacks the set that matches the
+per architecture and Python), and vproxy/security/native.py unpacks the set that matches the
 running interpreter into a per-user cache on the first `vproxy pki`.
 
 The output is byte-for-byte reproducible for a given source tree, wheel set and zlib:
@@ -362,7 +362,7 @@ def _native_member(wheel: Wheel) -> str:
 
 
 def native_sets() -> Dict[str, Dict[str, Tuple[str, Tuple[str, ...]]]]:
-    """{arch: {"3.9": (key, (archive member, ...))}}: what vproxy/_native.py unpacks for
+    """{arch: {"3.9": (key, (archive member, ...))}}: what vproxy/security/native.py unpacks for
     each target. The key names the cache directory: a hash of the wheels' SHA-256s."""
     out: Dict[str, Dict[str, Tuple[str, Tuple[str, ...]]]] = {}
     for arch in NATIVE_ARCHES:

@@ -1,7 +1,7 @@
-"""One-way throughput over loopback: vproxy.transport vs asyncio's TLS vs plain TCP.
+"""One-way throughput over loopback: vproxy.net.transport vs asyncio's TLS vs plain TCP.
 
-"vproxy session" is one stream of a vproxy/1 session (vproxy.session over
-vproxy.transport): the sender writes blocks to the stream, the receiver reads it
+"vproxy session" is one stream of a vproxy/1 session (vproxy.net.session over
+vproxy.net.transport): the sender writes blocks to the stream, the receiver reads it
 with Stream.read(); next to "vproxy.transport" it shows what the mux costs.
 
 The fourth path, "blocking SSLSocket" (sendall / recv_into a 256 KiB buffer, one
@@ -17,8 +17,8 @@ machine's load comes and goes, and this way it falls on all paths alike.
 By default the receiver runs in a child process (two cores, as ssh -L or stunnel
 would use); --same-process runs both ends on one event loop (one core).
 
-TLS paths use TLS 1.3 with mutual authentication (vproxy.tls contexts, a throwaway
-CA made with vproxy.pki, so the `cryptography` package is needed). Prints figures,
+TLS paths use TLS 1.3 with mutual authentication (vproxy.security.tls contexts, a throwaway
+CA made with vproxy.security.pki, so the `cryptography` package is needed). Prints figures,
 asserts nothing; compare figures within one run.
 """
 
@@ -43,7 +43,7 @@ from vproxy.security import tls
 from vproxy.net import transport  # noqa: E402
 
 BLOCKING = "blocking SSLSocket"
-SESSION = "vproxy session"  # one mux stream on a Session over vproxy.transport
+SESSION = "vproxy session"  # one mux stream on a Session over vproxy.net.transport
 PATHS = ("vproxy.transport", SESSION, "asyncio ssl", "plain TCP", BLOCKING)
 
 

@@ -4,7 +4,7 @@ What `run()` does, printing each step:
 
 1. checks for QEMU (qemu-system-x86_64) and the Python package cryptography (for the
    throwaway certificates); when one is missing, one line says what to install;
-2. makes a temporary directory and in it a throwaway CA (vproxy.pki) with a server
+2. makes a temporary directory and in it a throwaway CA (vproxy.security.pki) with a server
    certificate for the agent (localhost, 127.0.0.1) and a client certificate ("demo");
 3. writes the boot-sector guest's disk (vproxy.guests.bootsector: upper-cases what it
    receives on COM1 and shows it on screen) and starts QEMU on it: TCG, 32 MiB, VGA

@@ -10,7 +10,7 @@ Deny by default. A request is allowed when one rule matches all of:
   "ro"; "hotplug" (adding a new guest channel) is granted only by name.
 
 The kind "bench" names the agent's built-in channels (sink, source, echo: no VM),
-which the agent puts under the ACL only with builtin_channels = "acl" (vproxy.agent).
+which the agent puts under the ACL only with builtin_channels = "acl" (vproxy.agent.server).
 A rule grants them with the entry "bench" (all three) or "bench:NAME-GLOB", whatever
 its `vms` and `modes` (the built-in channels belong to no VM and have no modes), or
 with "*" (channels unspecified) when its `vms` include "*": a rule for every channel

@@ -35,7 +35,7 @@ CHANNEL_KINDS = ("console", "channel", "vnc")  # always reported, 0 when none is
 
 
 class _QmpWatch:
-    """A monitor owner (vproxy.qemu.monitor.MonitorOwner, duck-typed so that this module
+    """A monitor owner (vproxy.agent.qemu.monitor.MonitorOwner, duck-typed so that this module
     does not import qemu.qmp) that counts QMP connections made after the first."""
 
     def __init__(self, metrics: "Metrics", connected: bool):

@@ -2,7 +2,7 @@
 
 A reload happens in two steps:
 1. prepare: read and check everything (the new SSLContext, the CA and CRL files for
-   vproxy.crl, the ACL already parsed by the caller). Any failure raises UserError and
+   vproxy.security.crl, the ACL already parsed by the caller). Any failure raises UserError and
    nothing has changed: the agent keeps its previous settings.
 2. apply, which cannot fail on bad input: new handshakes get the new SSLContext; live
    sessions are judged by the new CA and CRL and streams by the new ACL; the VM list
@@ -11,7 +11,7 @@ A reload happens in two steps:
 What happens to what is already connected:
 - A TLS session whose client certificate the new CRL revokes, or whose issuing CA is
   gone from the new CA file, ends at once: GOAWAY SHUTDOWN with the reason, then close.
-  (The new SSLContext would refuse that certificate; vproxy.crl says why it can tell.)
+  (The new SSLContext would refuse that certificate; vproxy.security.crl says why it can tell.)
 - A handshake still under way when the reload happens finishes with the old context;
   the agent judges such a session by the new CA and CRL when it arrives
   (vproxy.agent.AgentSession.connection_made calls stale_session_reason()).
@@ -44,7 +44,7 @@ class Settings:
     key: str = ""
     ca: str = ""
     crl: Optional[str] = None
-    acl: Any = None               # vproxy.acl.Acl (None: no VM access at all)
+    acl: Any = None               # vproxy.agent.acl.Acl (None: no VM access at all)
     vms: Optional[List[Tuple[str, str]]] = None  # None: leave the VM list alone
     drain_timeout: Optional[float] = None
     needs_restart: List[str] = field(default_factory=list)  # changed keys a reload ignores

@@ -1,7 +1,7 @@
 """`vproxy serve`: accept mTLS sessions, authorize each open, hand it to a provider.
 
 The agent owns no channel logic itself: built-in channels (sink, source, echo) come
-from vproxy.builtin, VM channels from vproxy.qemu. For each open it writes one audit
+from vproxy.agent.builtin, VM channels from vproxy.agent.qemu. For each open it writes one audit
 line: identity, VM, channel, mode, result, bytes each way, duration.
 """
 
@@ -51,7 +51,7 @@ class AgentConfig:
     console_log_dir: Optional[str] = None
     local_socket: Optional[str] = None  # also listen here, clients known by uid (localmode)
     drain_timeout: float = 10.0  # on shutdown: how long open streams may finish
-    metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.metrics)
+    metrics: Optional[str] = None  # serve /metrics and /status here (vproxy.agent.metrics)
     max_sessions: int = 4096  # more concurrent sessions are ended at once with a reason
     max_sessions_per_identity: Optional[int] = None  # the same, per identity (None: no limit)
     max_sessions_per_address: Optional[int] = None  # the same, per source IP (not local ones)
@@ -71,17 +71,17 @@ class Agent:
         self.providers = {"": BuiltinProvider()}
         self.providers.update(providers or {})
         self.acl = acl
-        self.registry = None  # vproxy.qemu.vms.VMRegistry, when VMs are configured
+        self.registry = None  # vproxy.agent.qemu.vms.VMRegistry, when VMs are configured
         self.sessions: "set[AgentSession]" = set()
         self.sessions_per_identity: Dict[Any, int] = {}  # live sessions of each identity
         self.sessions_per_address: Dict[str, int] = {}  # live TLS sessions of each source IP
         self.streams: "set[Stream]" = set()  # accepted and not yet ended (reload, metrics)
         self.metrics = Metrics()
-        self.metrics_server = None  # vproxy.metrics.MetricsServer, with config.metrics
+        self.metrics_server = None  # vproxy.agent.metrics.MetricsServer, with config.metrics
         self.draining = False
         self._servers: List[transport.Server] = []
         self._ssl: Optional[ssl.SSLContext] = None
-        self._trust = None  # vproxy.crl.Trust after a reload: judges late handshakes
+        self._trust = None  # vproxy.security.crl.Trust after a reload: judges late handshakes
         self._reload_lock: Optional[asyncio.Lock] = None
         self._release_timer: Optional[asyncio.TimerHandle] = None
 
@@ -126,7 +126,7 @@ class Agent:
 
     def idle(self) -> None:
         """The last session ended: if the agent is still without sessions after
-        RELEASE_DELAY, give the heap of the burst back to the OS (vproxy.memory)."""
+        RELEASE_DELAY, give the heap of the burst back to the OS (vproxy.agent.memory)."""
         if self._release_timer is None:
             self._release_timer = asyncio.get_event_loop().call_later(RELEASE_DELAY, self._release)
 
@@ -150,9 +150,9 @@ class Agent:
                 raise tls.TlsError(why)
 
     async def reload(self, settings):
-        """Apply new settings (a vproxy.reload.Settings, or a callable returning one)
+        """Apply new settings (a vproxy.agent.reload.Settings, or a callable returning one)
         without dropping sessions that are still allowed. Raises UserError and keeps
-        the previous settings if anything is wrong; returns a vproxy.reload.Outcome."""
+        the previous settings if anything is wrong; returns a vproxy.agent.reload.Outcome."""
         from . import reload as reloading
         from vproxy.errors import UserError
 
@@ -284,7 +284,7 @@ class Agent:
             "identity=%s vm=%s channel=%s mode=%s result=%r in=%d out=%d duration=%.3f",
             _quote(str(identity)), _quote(request.vm or "-"), _quote(request.channel), request.mode,
             result, stream.bytes_in, stream.bytes_out, duration,
-            extra={"fields": {  # for --log-format json (vproxy.ops)
+            extra={"fields": {  # for --log-format json (vproxy.agent.logs)
                 "identity": str(identity), "vm": request.vm, "channel": request.channel,
                 "mode": request.mode, "result": result, "bytes_in": stream.bytes_in,
                 "bytes_out": stream.bytes_out, "duration": round(duration, 3)}},

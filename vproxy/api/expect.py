@@ -253,7 +253,7 @@ def _encode(data: Union[str, bytes, bytearray], encoding: str) -> bytes:
 
 
 class AsyncExpect:
-    """Expect methods over an async byte stream (a vproxy.session.Stream or alike).
+    """Expect methods over an async byte stream (a vproxy.net.session.Stream or alike).
 
     *newline* is what `sendline` appends: ``"\\r"`` for a console (what the Enter key
     sends to a terminal), ``"\\n"`` for a guest channel. *timeout* is the default for

@@ -64,7 +64,7 @@ def resolve_tls(args: Dict[str, Optional[str]], server: bool,
 
 def resolve_client(host: str, args: Dict[str, Optional[str]]):
     """HOST (a name from the client config, HOST[:PORT], or unix:/PATH) and the TLS
-    options -> a vproxy.clientconfig.Target; `await target.connect()` gives a Client."""
+    options -> a vproxy.client.config.Target; `await target.connect()` gives a Client."""
     from vproxy.client.config import Target
 
     address, paths, server_name = _client_settings(args, host)
@@ -138,10 +138,10 @@ def _paths(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optional[s
 
 def run_async(coro) -> int:
     """Run a coroutine to completion; Ctrl-C ends it quietly."""
-    import asyncio
+    import asyncio  # lazy: --help never runs a coroutine, and asyncio brings ssl
 
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         click.echo("vproxy: interrupted", err=True)
-        raise SystemExit(EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED) from None

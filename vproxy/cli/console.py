@@ -1,14 +1,15 @@
-"""`vproxy console`: wires the options to vproxy.console_client."""
+"""`vproxy console`: wires the options to vproxy.client.console."""
 
 import sys
 
 import click
 
+from vproxy.errors import UserError
 from .common import resolve_client, run_async, tls_options
 
 
 def _escape(ctx: click.Context, param: click.Parameter, value: str):
-    from vproxy.client.terminal import parse_escape
+    from vproxy.client.terminal import parse_escape  # lazy: the terminal brings asyncio
 
     try:
         return parse_escape(value)
@@ -50,8 +51,8 @@ def console(host: str, vm: str, console, read_only: bool, force: bool, replay, e
       vproxy console vmhost1 web1 serial1 --read-only --replay all
       echo root | vproxy console vmhost1 web1
     """
+    # lazy: the console client brings asyncio and ssl, which --help does without
     from vproxy.client.console import ConsoleSettings, parse_replay, run_console
-    from vproxy.errors import UserError
 
     if read_only and force:
         raise UserError("--read-only and --force exclude each other")

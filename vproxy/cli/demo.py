@@ -1,16 +1,8 @@
-"""`vproxy demo` and `vproxy completion`: trying vproxy out, and setting up the shell.
-
-The demo's logic is in vproxy.demo; completion is click's own (click.shell_completion).
-"""
+"""`vproxy demo`: try vproxy out on this machine. The demo's logic is in vproxy.demo."""
 
 import sys
 
 import click
-
-#: The environment variable that makes `vproxy` answer completion requests
-#: (vproxy.cli.entry passes it to click whatever the program is called).
-COMPLETE_VAR = "_VPROXY_COMPLETE"
-SHELLS = ("bash", "zsh", "fish")
 
 
 @click.command()
@@ -35,30 +27,9 @@ def demo(ctx: click.Context, screenshot, qemu: str, keep_running: bool) -> None:
     Example:
       vproxy demo --screenshot /tmp/screen.png
     """
-    from vproxy import demo as demo_module
+    from vproxy import demo as demo_module  # lazy: it brings asyncio and ssl
 
     root = ctx.find_root().command
     commands = sorted(getattr(root, "commands", {}))
     sys.exit(demo_module.run(qemu=qemu, screenshot=screenshot, keep_running=keep_running,
                              cli_commands=commands))
-
-
-@click.command()
-@click.argument("shell", type=click.Choice(SHELLS))
-@click.pass_context
-def completion(ctx: click.Context, shell: str) -> None:
-    """Print the shell completion script for bash, zsh or fish.
-
-    \b
-    Load it in your shell's startup file:
-      bash:  eval "$(vproxy completion bash)"        (~/.bashrc)
-      zsh:   eval "$(vproxy completion zsh)"         (~/.zshrc)
-      fish:  vproxy completion fish | source         (~/.config/fish/config.fish)
-    """
-    from click.shell_completion import get_completion_class
-
-    root = ctx.find_root().command
-    cls = get_completion_class(shell)
-    if cls is None:  # pragma: no cover - the Choice above lists click's shells
-        raise click.BadParameter("no completion for %s" % shell)
-    click.echo(cls(root, {}, "vproxy", COMPLETE_VAR).source())

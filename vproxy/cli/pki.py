@@ -1,13 +1,15 @@
-"""`vproxy pki`: the command-line face of vproxy.pki. Only wiring and messages live here.
+"""`vproxy pki`: the command-line face of vproxy.security.pki. Only wiring and messages live here.
 
-The group is importable on its own (`from vproxy.cli.pki_commands import pki`) and prints
+The group is importable on its own (`from vproxy.cli.pki import pki`) and prints
 a UserError as "vproxy: error: ..." plus "hint: ..." with exit status 2 by itself.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -51,7 +53,6 @@ def _resolve(pki_dir: Optional[str]) -> Tuple[Path, str]:
 
 
 def _quote(text: str) -> str:
-    import shlex
     return shlex.quote(str(text))
 
 
@@ -176,7 +177,6 @@ def issue_command(kind: str, name: str, dns_names: Tuple[str, ...],
 
 
 def _looks_like_ip(text: str) -> bool:
-    import ipaddress
     try:
         ipaddress.ip_address(text)
         return True

@@ -1,22 +1,168 @@
-"""The long-running parts of `serve` and `bench`: signals, readiness, output."""
+"""`vproxy serve`: run the agent.
 
-import asyncio
-import json
+The command lays its options over the agent's config file (vproxy.agent.config) and
+hands an AgentConfig to vproxy.agent.server.Agent; run_agent() adds what only a
+long-running process needs: signals (SIGHUP reloads, SIGTERM drains, a second signal
+cuts the drain short), readiness for systemd, and the audit log. make_reloader() reads
+the file again on SIGHUP with the same command line laid over it.
+"""
+
 import logging
-import signal
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
-from .common import EXIT_UNREACHABLE, EXIT_USAGE
+from vproxy.errors import UserError
+from .common import resolve_tls, run_async, tls_options
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              envvar="VPROXY_CONFIG",
+              help="Agent configuration file (TOML, see vproxy.conf(5)); options given here "
+                   "override it [env: VPROXY_CONFIG].")
+@click.option("--listen", "listen", default=None, metavar="ADDR",
+              help="Address and port to listen on (HOST:PORT; [::] or 0.0.0.0 for all). "
+                   "[default: 127.0.0.1:7443]")
+@tls_options(server=True)
+@click.option("--vm", "vms", multiple=True, metavar="NAME=QMP",
+              help="Serve the VM NAME whose QEMU listens for QMP on the unix socket QMP "
+                   "(repeatable).")
+@click.option("--vm-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Serve every VM whose QMP socket is in DIR (NAME.qmp is VM NAME); "
+                   "sockets that appear later are picked up.")
+@click.option("--allow", "allow", multiple=True, metavar="IDENTITY",
+              help="Give IDENTITY (a certificate CN or SAN glob) every right on every VM "
+                   "(repeatable); finer rules go in the config file.")
+@click.option("--console-ring", type=click.IntRange(4096), default=None, metavar="BYTES",
+              help="Console history kept per console. [default: 1048576]")
+@click.option("--console-log-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also append each console's output to DIR/VM.CONSOLE.log.")
+@click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
+              help="Drop a connection whose TLS handshake takes longer. [default: 5]")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="On SIGTERM, let open streams finish for this long. [default: 10]")
+@click.option("--metrics", "metrics", default=None, metavar="ADDR",
+              help="Serve GET /metrics (Prometheus) and /status (JSON) on ADDR: "
+                   "127.0.0.1:PORT, PORT, or unix:PATH (loopback or unix only).")
+@click.option("--resume-prelaunch/--no-resume-prelaunch", default=None,
+              help="Resume (QMP cont) a VM whose QEMU was started with -S and never ran, once "
+                   "its consoles are taken over, so that boot output is captured from the "
+                   "first byte. Not for VMs something else resumes (libvirt). [default: off]")
+@click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
+              help="Refuse a client identity more than N concurrent sessions (GOAWAY "
+                   "OVERLOADED, naming the identity and the limit). [default: no limit]")
+@click.option("--max-sessions-per-address", type=click.IntRange(1), default=None, metavar="N",
+              help="Refuse a source IP address more than N concurrent TLS sessions (GOAWAY "
+                   "OVERLOADED, naming the address and the limit); the local socket is not "
+                   "counted. [default: no limit]")
+@click.option("--builtin-channels", type=click.Choice(["everyone", "acl", "off"]), default=None,
+              help="Who may open the built-in channels sink, source and echo (vproxy bench): "
+                   "every client, the identities an ACL rule grants \"bench\", or nobody. "
+                   "[default: everyone]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text, or as one JSON object per line. [default: text]")
+@click.option("--audit-log", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append one audit line per channel open to FILE (default: stderr).")
+@click.option("--local-socket", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Also listen on the unix socket PATH, without TLS, for local users: the "
+                   "ACL names them uid:N and user:NAME. Without a certificate, only there.")
+def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
+          handshake_timeout, drain_timeout, metrics, resume_prelaunch, max_sessions_per_identity,
+          max_sessions_per_address, builtin_channels, log_format, audit_log, local_socket,
+          **tls_args) -> None:
+    """Run the agent: accept mTLS sessions and serve the VMs' channels.
+
+    Access is denied unless an ACL rule (config file, or --allow) grants it. The
+    built-in channels sink, source and echo (used by `vproxy bench`) are open to any
+    client whose certificate the CA signed, unless --builtin-channels says otherwise.
+    SIGHUP reloads the certificates, CA, CRL, ACL and VM list; SIGTERM drains.
+
+    \b
+    Examples:
+      vproxy serve --identity vmhost1 --vm web1=/run/qemu/web1.qmp --allow alice
+      vproxy serve --config /etc/vproxy/agent.toml
+    """
+    # lazy: the agent brings asyncio, ssl and QEMU's modules, which --help does without
+    from vproxy.agent.acl import Rule
+    from vproxy.agent.config import load_agent_config
+    from vproxy.agent.server import Agent, AgentConfig
+    from vproxy.net.address import parse_address
+
+    file_config = load_agent_config(config_path)
+    settings = file_config.settings
+    cli_tls = dict(tls_args)  # for reloads: the command line over the file, as now
+    overridden = {k for k, v in (("listen", listen), ("vm_dir", vm_dir), ("console_ring", console_ring),
+                                 ("console_log_dir", console_log_dir), ("audit_log", audit_log),
+                                 ("handshake_timeout", handshake_timeout), ("metrics", metrics),
+                                 ("log_format", log_format), ("local_socket", local_socket),
+                                 ("max_sessions_per_identity", max_sessions_per_identity),
+                                 ("max_sessions_per_address", max_sessions_per_address),
+                                 ("builtin_channels", builtin_channels)) if v}
+    if resume_prelaunch is not None:
+        overridden.add("resume_prelaunch")
+    for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
+        if not tls_args.get(key) and settings.get(key):
+            tls_args[key] = settings[key]
+    host, port = parse_address(listen or settings.get("listen", "127.0.0.1:7443"), listening=True)
+    local_socket = local_socket or settings.get("local_socket")
+    if local_socket and not (listen or settings.get("listen")
+                             or any(tls_args.get(k) for k in ("identity", "cert", "key"))):
+        paths = {"cert": "", "key": "", "ca": "", "crl": None}  # local mode only: no TLS
+    else:
+        paths = resolve_tls(tls_args, server=True)
+    vm_list = list(file_config.vms)
+    for spec in vms:
+        name, sep, qmp = spec.partition("=")
+        if not sep or not name or not qmp:
+            raise UserError("--vm %r: expected NAME=QMP_SOCKET_PATH" % spec,
+                            hint="e.g. --vm web1=/run/qemu/web1.qmp")
+        vm_list = [v for v in vm_list if v[0] != name] + [(name, qmp)]
+    acl = file_config.acl
+    if allow:
+        acl.rules.append(Rule(tuple(allow), ("*",), ("*",), ("force", "hotplug")))
+    config = AgentConfig(
+        listen_host=host, listen_port=port,
+        drain_timeout=drain_timeout if drain_timeout is not None else settings.get("drain_timeout", 10.0),
+        metrics=metrics or settings.get("metrics"),
+        handshake_timeout=handshake_timeout or settings.get("handshake_timeout", 5.0),
+        vms=vm_list, vm_dir=vm_dir or settings.get("vm_dir"),
+        console_ring=console_ring or settings.get("console_ring", 1 << 20),
+        console_log_dir=console_log_dir or settings.get("console_log_dir"),
+        max_sessions=settings.get("max_sessions", 4096),
+        max_sessions_per_identity=(max_sessions_per_identity
+                                   or settings.get("max_sessions_per_identity")),
+        max_sessions_per_address=(max_sessions_per_address
+                                  or settings.get("max_sessions_per_address")),
+        builtin_channels=builtin_channels or settings.get("builtin_channels", "everyone"),
+        resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
+                          else settings.get("resume_prelaunch", False)),
+        mux_config=mux_config(settings),
+        local_socket=local_socket, **paths)
+    reloader = make_reloader(config_path, cli_tls, allow, vms, drain_timeout, bool(paths["cert"]),
+                             dict(settings), overridden)
+    run_async(run_agent(Agent(config, acl=acl), audit_log or settings.get("audit_log"),
+                        log_format=log_format or settings.get("log_format", "text"),
+                        reloader=reloader))
+
+
+def mux_config(settings):
+    """The session limits the config file may set (max_streams), or the defaults."""
+    if "max_streams" not in settings:
+        return None
+    from vproxy.mux import Config  # lazy: keeps --help fast
+
+    return Config(max_streams=settings["max_streams"])
 
 
 async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "text",
                     reloader: Optional[Callable[[], Any]] = None) -> int:
     """Run the agent until SIGTERM/SIGINT (then drain; a second signal cuts the drain
-    short). SIGHUP reloads: reloader() returns the new vproxy.reload.Settings. With
+    short). SIGHUP reloads: reloader() returns the new vproxy.agent.reload.Settings. With
     NOTIFY_SOCKET set, tells systemd (READY, RELOADING, STOPPING, STATUS)."""
-    from vproxy.errors import UserError
+    # lazy: asyncio and the agent's modules are for running it, not for --help
+    import asyncio
+    import signal
     from vproxy.agent.logs import formatter_for, say, use_log_format
     from vproxy.agent.sdnotify import Notifier
 
@@ -88,8 +234,6 @@ async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "
 
 
 def _no_reloader():
-    from vproxy.errors import UserError
-
     raise UserError("this agent was not started with a way to reload its settings")
 
 
@@ -104,15 +248,15 @@ def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Se
                   vm_specs: Sequence[str], drain_timeout: Optional[float], tls_enabled: bool,
                   started: Dict[str, Any], overridden: Sequence[str] = ()) -> Callable[[], Any]:
     """What `serve` gives run_agent for SIGHUP: read the config file again and lay this
-    command line's options over it, as at start; returns vproxy.reload.Settings.
+    command line's options over it, as at start; returns vproxy.agent.reload.Settings.
     started: the file's settings at start, overridden: the keys the command line set
     (to report the file's changes that need a restart)."""
 
     def load():
+        # lazy: the agent's modules (ssl among them) are not for --help
         from vproxy.agent.acl import Rule
         from vproxy.agent.config import load_agent_config
         from vproxy.agent.reload import Settings
-        from .common import resolve_tls
 
         file_config = load_agent_config(config_path)
         settings = file_config.settings
@@ -138,84 +282,3 @@ def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Se
                         **paths)
 
     return load
-
-
-async def run_bench(target, seconds: float, streams: int, as_json: bool) -> int:
-    """target: a vproxy.clientconfig.Target (cli.common.resolve_client)."""
-    from vproxy.client import bench as benchmark
-    from vproxy.errors import ChannelRefused, SessionClosed
-
-    host = target.name
-    client = await target.connect()
-    try:
-        result = await benchmark.run(client, seconds, streams)
-    except SessionClosed as e:
-        click.echo("vproxy: error: the session to %s ended: %s" % (host, e.reason), err=True)
-        return EXIT_UNREACHABLE
-    except ChannelRefused as e:  # builtin_channels = acl or off on that agent
-        click.echo("vproxy: error: %s refused: %s" % (host, e.message), err=True)
-        return EXIT_USAGE
-    finally:
-        await client.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict()))
-    else:
-        r = result
-        click.echo("vproxy bench %s" % host)
-        click.echo("  upload      %9.1f MB/s" % r.upload_mbps)
-        click.echo("  download    %9.1f MB/s" % r.download_mbps)
-        click.echo("  round trip  %9.1f us median, %.1f us p99 (%d samples, 1 byte)"
-                   % (r.rtt_p50_us, r.rtt_p99_us, r.rtt_samples))
-        click.echo("  ping        %9.1f us" % r.ping_us)
-        click.echo("  streams     %9d of %d echoed intact in %.3f s"
-                   % (r.streams_ok, r.streams, r.streams_seconds))
-    return 0 if result.streams_ok == result.streams else 1
-
-
-async def run_ls(targets, as_json: bool) -> int:
-    """targets: vproxy.clientconfig.Target objects (cli.common.resolve_client)."""
-    from vproxy.errors import UserError
-
-    async def one(target):
-        host = target.name
-        try:
-            client = await target.connect()
-        except UserError as e:
-            return {"host": host, "error": e.message, "vms": []}
-        try:
-            return {"host": host, "error": "", "vms": await client.list_vms()}
-        finally:
-            await client.close()
-
-    results = await asyncio.gather(*(one(t) for t in targets))
-    if as_json:
-        click.echo(json.dumps(list(results), indent=2))
-    else:
-        for result in results:
-            click.echo(format_listing(result))
-    return 0 if all(not r["error"] for r in results) else EXIT_UNREACHABLE
-
-
-def format_listing(result: dict) -> str:
-    lines = []
-    if result["error"]:
-        return "%s: error: %s" % (result["host"], result["error"])
-    if not result["vms"]:
-        return "%s: no VMs you may open" % result["host"]
-    for vm in result["vms"]:
-        lines.append("%s/%s  %s%s" % (result["host"], vm["vm"], vm["state"],
-                                       "  (%s)" % vm["error"] if vm.get("error") else ""))
-        for con in vm.get("consoles", []):
-            who = ", ".join(con["viewers"]) or "nobody attached"
-            writer = "; writer %s" % con["writer"] if con.get("writer") else ""
-            lines.append("  console:%-22s %s, %d bytes buffered; %s%s"
-                         % (con["id"], con["status"], con["buffered"], who, writer))
-        for ch in vm.get("channels", []):
-            lines.append("  channel:%-22s guest %s; %s" % (ch["name"], ch.get("guest", "?"),
-                                                        ch.get("holder") or "free"))
-        vnc = vm.get("vnc") or {}
-        if vnc.get("available"):
-            lines.append("  vnc%-27s %d viewer(s)" % ("", vnc.get("viewers", 0)))
-        else:
-            lines.append("  vnc%-27s none (%s)" % ("", vnc.get("reason", "no display")))
-    return "\n".join(lines)

@@ -5,7 +5,7 @@ What it does:
 - Connects (vproxy.client.connect) and opens ``console`` or ``console:ID`` in mode ro,
   rw or force, with ``replay=N`` on the first attach. A refusal becomes a UserError
   carrying the agent's message (who holds the console, or the ACL's reason): exit 2.
-- Interactive when stdin and stdout are terminals: raw mode (vproxy.terminal.RawMode),
+- Interactive when stdin and stdout are terminals: raw mode (vproxy.client.terminal.RawMode),
   restored on every way out (return, exception, SIGTERM, SIGHUP, SIGINT), and escape
   commands (quit, help, force). Otherwise a plain pipe: stdin to the console, at
   EOF a half-close, then the console's output until the agent closes the stream (it

@@ -1,4 +1,5 @@
-"""The vproxy/1 multiplexing protocol, sans I/O (no asyncio, no ssl: see STYLE.md).
+"""The vproxy/1 multiplexing protocol, sans I/O: this package imports neither asyncio nor
+ssl, does no I/O of its own and reads no clock (the caller passes the time in).
 
 Bytes in through Connection.receive_data(), events out; actions queue frames that
 Connection.data_to_send() returns. The wire format is in man/vproxy-protocol.7.

@@ -78,7 +78,7 @@ def _timeout_bases() -> tuple:
 
 class HandshakeTimeout(*_timeout_bases()):  # type: ignore[misc]
     """The TLS handshake did not finish in time: an asyncio.TimeoutError and a
-    builtin TimeoutError (so vproxy.tls.describe_tls_error() recognises it)."""
+    builtin TimeoutError (so vproxy.security.tls.describe_tls_error() recognises it)."""
 
 
 # --------------------------------------------------------------------------- handshake

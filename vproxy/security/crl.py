@@ -2,7 +2,7 @@
 
 The agent must not need `cryptography` at run time, and the standard library's ssl
 cannot tell whether a live session's certificate is revoked by a CRL loaded later.
-What a reload needs (vproxy.reload) is little: from a certificate its serial number,
+What a reload needs (vproxy.agent.reload) is little: from a certificate its serial number,
 issuer and subject names, public key and key identifiers; from a CRL its issuer, its
 authority key identifier and the serial numbers it lists. This module reads exactly
 that and nothing else.

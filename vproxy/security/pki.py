@@ -14,7 +14,7 @@ Rules kept here:
   file opened with 0600, then renamed into place).
 - Nothing is overwritten without force=True: an existing file raises UserError.
 - `cryptography` is imported inside the functions that need it, never at module level:
-  the data path (vproxy.tls) must not need it, and without it only `vproxy pki` fails,
+  the data path (vproxy.security.tls) must not need it, and without it only `vproxy pki` fails,
   with a UserError that says what to install.
 """
 

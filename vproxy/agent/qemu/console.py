@@ -2,7 +2,7 @@
 
 Rules this module keeps:
 - As soon as a VM's QMP connects (`ConsoleSet.on_connected`), every serial port's
-  chardev is taken over (vproxy.qemu.chardev): boot output is captured before anyone
+  chardev is taken over (vproxy.agent.qemu.chardev): boot output is captured before anyone
   attaches. To capture it from the very first byte, start QEMU paused (``-S``) and
   either give the agent ``resume_prelaunch`` (``vproxy serve --resume-prelaunch``):
   once every owner's ``on_connected`` has run, a VM in "prelaunch" (-S, never ran)

@@ -10,15 +10,15 @@ Rules this module keeps:
   is made to accept nothing (its queue and history would grow without bound), and one
   dispatching listener hands each event, synchronously, to the owners' `on_event`.
 - fd passing is serialised by `fd_lock`: ONE fd is in flight (SCM_RIGHTS + ``getfd``)
-  until the command that consumes its name has replied, because fds sent back to back
-  are lost (DESIGN.md). `execute_with_fd` does the whole dance and closes the name in
+  until the command that consumes its name has replied, because QEMU loses fds sent
+  back to back. `execute_with_fd` does the whole dance and closes the name in
   QEMU if the consuming command fails.
 - With `resume_prelaunch` (the agent's ``resume_prelaunch`` setting, default off), a
   QEMU whose status is "prelaunch" once every owner's `on_connected` has finished (it
   was started with -S and never ran) gets ``cont``, on every (re)connection; `ready`
   is set after that. "paused" and "inmigrate" are never resumed; a failed ``cont`` is
   a warning.
-- QMP failures become `VMGone` / `QMPCommandError` (vproxy.qemu.errors), whose text is
+- QMP failures become `VMGone` / `QMPCommandError` (vproxy.agent.qemu.errors), whose text is
   meant for the user.
 """
 

@@ -12,7 +12,7 @@ VMs come from two places:
 Each VM has one `VMMonitor` that reconnects by itself when its QEMU comes back, and
 the channel kinds hanging off it (consoles, guest channels, VNC) as monitor owners:
 they take over what they need when QEMU appears and reset their streams when it goes.
-With ``resume_prelaunch``, a QEMU started with -S is then resumed (vproxy.qemu.monitor).
+With ``resume_prelaunch``, a QEMU started with -S is then resumed (vproxy.agent.qemu.monitor).
 """
 
 from __future__ import annotations
