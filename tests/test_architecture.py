@@ -4,8 +4,9 @@
   cli > demo > api > agent | client > net > security > mux, the shared leaves import no
   side, the mux core is sans-IO, click only in the CLI, QEMU only in the agent.
 - No import cycles between vproxy's modules, counting imports inside functions too.
-- An import inside a function is there for start-up time and says so ("lazy" in a
-  comment on it or on the comment lines just above it); any other belongs at the top.
+- An import inside a function is there for start-up time ("# lazy: ...") or because
+  the module may be missing ("# optional: ..."), and says so in a comment on it or on
+  the comment lines just above it; any other import belongs at the top.
 - ruff and mypy pass with the settings in pyproject.toml (mypy strict for vproxy.mux and
   vproxy.net).
 """
@@ -166,28 +167,35 @@ def _unexplained_lazy_imports(path: Path) -> List[str]:
 
 
 def _explained(lines: List[str], i: int) -> bool:
-    """"lazy" in a comment on the import, or in the comment lines or imports just above."""
-    if "# lazy" in lines[i]:
+    """"lazy" or "optional" in a comment on the import, or in the comment lines or
+    imports just above it."""
+    if _says_why(lines[i]):
         return True
     j = i - 1
     while j >= 0:
         text = lines[j].strip()
         if text.startswith("#"):
-            if "lazy" in text:
+            if _says_why(text):
                 return True
         elif not (text.startswith("import ") or text.startswith("from ")):
             return False
-        elif "# lazy" in text:
+        elif _says_why(text):
             return True
         j -= 1
     return False
+
+
+def _says_why(line: str) -> bool:
+    comment = line.partition("#")[2]
+    return "lazy" in comment or "optional" in comment
 
 
 def test_imports_inside_functions_are_for_start_up_time_and_say_so():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         found += _unexplained_lazy_imports(path)
-    assert found == [], "imports inside functions without a '# lazy: why' comment:\n" + "\n".join(found)
+    assert found == [], ("imports inside functions without a '# lazy: why' or '# optional: why' "
+                         "comment:\n" + "\n".join(found))
 
 
 def test_the_lazy_import_check_sees_an_unexplained_import(tmp_path):

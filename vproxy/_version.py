@@ -7,7 +7,7 @@ from . import __version__
 
 def version_line() -> str:
     try:
-        from ._build import BUILD_HASH  # written into the .pyz by build.py
+        from ._build import BUILD_HASH  # optional: written into the .pyz by build.py
     except ImportError:
         BUILD_HASH = "dev"
     return "vproxy %s (build %s, Python %s)" % (__version__, BUILD_HASH[:12], sys.version.split()[0])

@@ -28,6 +28,7 @@ and a ``cont`` after the takeover would keep it; the demo does not need it).
 """
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -37,7 +38,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .errors import UserError, VproxyError
+from vproxy import api
+from vproxy.agent.acl import Acl, Rule
+from vproxy.agent.server import Agent, AgentConfig
+from vproxy.api.expect import printable
+from vproxy.errors import UserError, VproxyError
+from vproxy.guests.bootsector import build_boot_disk
+from vproxy.security import pki
 
 QEMU = "qemu-system-x86_64"
 VM_NAME = "demo"
@@ -62,7 +69,7 @@ def check_prerequisites(qemu: str) -> str:
         raise UserError("vproxy demo needs QEMU, and %s was not found: install the package "
                         "qemu-system-x86 (e.g. sudo apt-get install qemu-system-x86)" % qemu)
     try:
-        import cryptography  # noqa: F401
+        import cryptography  # noqa: F401  (optional: only to say it is missing)
     except ImportError:
         raise UserError("vproxy demo needs the Python package cryptography for its throwaway "
                         "certificates: install python3-cryptography (apt) or run "
@@ -72,7 +79,7 @@ def check_prerequisites(qemu: str) -> str:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
-        import ctypes
+        import ctypes  # optional: not on every platform
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux, or no libc: cleanup still kills it
@@ -83,7 +90,6 @@ class DemoVM:
     """QEMU running the boot-sector guest, with a QMP socket in *workdir*."""
 
     def __init__(self, qemu: str, workdir: Path):
-        from vproxy.guests.bootsector import build_boot_disk
 
         self.workdir = workdir
         disk = build_boot_disk(workdir / "bootsector.img")
@@ -140,8 +146,6 @@ class _AuditCollector:
     """A logging handler keeping the agent's audit lines."""
 
     def __init__(self) -> None:
-        import logging
-
         class Handler(logging.Handler):
             def emit(inner, record: "logging.LogRecord") -> None:  # noqa: N805
                 self.lines.append(record.getMessage())
@@ -152,8 +156,6 @@ class _AuditCollector:
         self._saved = (self.logger.level, self.logger.propagate)
 
     def __enter__(self) -> "_AuditCollector":
-        import logging
-
         self.logger.addHandler(self.handler)
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
@@ -176,8 +178,6 @@ def _screenshot_path(wanted: Optional[str]) -> Path:
 
 
 def _console_line(data: bytes) -> str:
-    from vproxy.api.expect import printable
-
     return printable(data.rstrip(b"\r\n"))
 
 
@@ -249,8 +249,6 @@ class Demo:
                 signal.signal(sig, handler)
 
     def _pki(self) -> None:
-        from .security import pki
-
         t = time.monotonic()
         d = self.workdir / "pki"  # type: ignore[operator]
         pki.init_ca(d, common_name="vproxy demo CA", days=1)
@@ -264,10 +262,6 @@ class Demo:
                   "you (%s)  %.2f s" % (CLIENT_NAME, time.monotonic() - t))
 
     async def _session(self, audit: _AuditCollector) -> None:
-        from . import api
-        from vproxy.agent.acl import Acl, Rule
-        from vproxy.agent.server import Agent, AgentConfig
-
         f = self.files
         config = AgentConfig(listen_host="127.0.0.1", listen_port=0, cert=f["server_cert"],
                              key=f["server_key"], ca=f["ca"], crl=f["crl"],

@@ -7,10 +7,10 @@ from vproxy.errors import UserError
 
 def load_toml(path: str) -> Dict[str, Any]:
     try:
-        import tomllib as toml  # Python 3.11+
+        import tomllib as toml  # optional: Python 3.11+
     except ImportError:
         try:
-            import tomli as toml  # vendored in the .pyz for Python 3.9 and 3.10
+            import tomli as toml  # optional: vendored in the .pyz for Python 3.9 and 3.10
         except ImportError:
             raise UserError("reading %s needs the tomli package on Python < 3.11" % path,
                             hint="pip install tomli, or use dist/vproxy.pyz which bundles it") from None

@@ -29,7 +29,7 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
     if not (libc and libc.startswith("glibc")):
         return None
     try:
-        import ctypes
+        import ctypes  # lazy: only when the agent falls idle, once
 
         trim = ctypes.CDLL(None).malloc_trim  # the C library this interpreter runs on
     except (ImportError, OSError, AttributeError):

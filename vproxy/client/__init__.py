@@ -12,7 +12,7 @@ def __getattr__(name: str) -> Any:
     """`from vproxy.client import connect, Client`, as docs/API.md documents, without
     making every `import vproxy.client.X` load asyncio and ssl (lazy: start-up time)."""
     if name in ("connect", "Client"):
-        from vproxy.client import connection
+        from vproxy.client import connection  # lazy: asyncio and ssl on first use
 
         return getattr(connection, name)
     raise AttributeError("module %r has no attribute %r" % (__name__, name))

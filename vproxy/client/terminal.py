@@ -222,7 +222,7 @@ def _write_all(fd: int, data: bytes) -> None:
         try:
             n = os.write(fd, view)
         except BlockingIOError:  # someone made the file non-blocking: wait a moment
-            import select
+            import select  # lazy: only on this rare path
 
             select.select([], [fd], [], 1.0)
             continue

@@ -35,7 +35,7 @@ class LocalIdentity:
 
 def identity_for_uid(uid: int, gid: int = -1, pid: int = 0) -> LocalIdentity:
     try:
-        import pwd
+        import pwd  # optional: not on every platform
 
         user = pwd.getpwuid(uid).pw_name
     except (ImportError, KeyError):

@@ -76,7 +76,7 @@ def _archive() -> Optional[str]:
 
 def _build_native() -> Tuple[Dict[str, Dict[str, Any]], Tuple[int, ...]]:
     try:
-        from vproxy import _build  # type: ignore[attr-defined]  # written by build.py
+        from vproxy import _build  # type: ignore[attr-defined]  # optional: written by build.py
     except ImportError:
         return {}, (2, 17)
     return getattr(_build, "NATIVE", {}), tuple(getattr(_build, "NATIVE_GLIBC", (2, 17)))
@@ -151,7 +151,7 @@ def ensure_cryptography() -> None:
         sys.path.insert(0, path)
     importlib.invalidate_caches()
     try:
-        import cryptography.hazmat.bindings._rust  # noqa: F401  (the native part)
+        import cryptography.hazmat.bindings._rust  # noqa: F401  (optional: the native part)
     except ImportError as e:
         raise UserError("the bundled cryptography in %s does not load on this machine: %s"
                         % (final, e), hint="install python3-cryptography") from None
