@@ -424,15 +424,15 @@ class Connection:
         run_id = 0
         try:
             for ftype, flags, sid, payload in raw:
-                if ftype == 0 and not flags & Flag.END_STREAM:
-                    # DATA: the fast path of _receive_stream_frame, same checks
+                if ftype == 0 and not flags & Flag.END_STREAM:  # 0: FrameType.DATA
+                    # The fast path: DATA within the window of a stream that may
+                    # receive it, which is all _receive_stream_frame would do with it,
+                    # without building a Frame. Anything else (an unknown or closed
+                    # stream, more than the window) takes the slow path below, which
+                    # keeps the checks and says what is wrong.
                     s = streams.get(sid)
-                    if s is not None and s.state in _RECV_DATA_STATES:
-                        size = len(payload)
-                        if size > s.recv_credit:
-                            raise RemoteProtocolError(
-                                "stream %d: %d bytes of DATA with only %d bytes of window"
-                                % (sid, size, s.recv_credit), ErrorCode.FLOW_CONTROL_ERROR)
+                    size = len(payload)
+                    if s is not None and s.state in _RECV_DATA_STATES and size <= s.recv_credit:
                         s.recv_credit -= size
                         if size:
                             if sid != run_id:
