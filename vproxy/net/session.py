@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple, Union, cast
 
 from vproxy import mux
 from . import tcpinfo
@@ -83,7 +83,7 @@ class Stream:
                 return b""
             self._readable.clear()
             await self._readable.wait(self.session.loop)
-        chunks: Deque[bytes] = self._chunks  # type: ignore[assignment]
+        chunks: Deque[bytes] = self._chunks
         chunk = chunks[0]
         offset = self._offset
         size = len(chunk) - offset
@@ -107,7 +107,7 @@ class Stream:
     def _gather(self, max_bytes: int) -> bytes:
         """Take up to max_bytes off the front of _chunks, as one bytes object."""
         chunks: Deque[bytes] = self._chunks  # type: ignore[assignment]
-        parts = [memoryview(chunks.popleft())[self._offset :]]
+        parts: List[Union[bytes, memoryview]] = [memoryview(chunks.popleft())[self._offset :]]
         self._offset = 0
         size = len(parts[0])
         while chunks and size < max_bytes:
@@ -122,7 +122,7 @@ class Stream:
         return b"".join(parts)
 
     async def readexactly(self, size: int) -> bytes:
-        parts = []
+        parts: List[bytes] = []
         while size:
             chunk = await self.read(size)
             if not chunk:
@@ -177,7 +177,7 @@ class Stream:
                 raise self.error or SessionClosed("stream closed")
             self._notice_ready.clear()
             await self._notice_ready.wait(self.session.loop)
-        return self._notices.popleft()  # type: ignore[union-attr]
+        return self._notices.popleft()
 
     def pending_notices(self) -> List[Dict[str, str]]:
         out = list(self._notices or ())
@@ -212,7 +212,7 @@ class Stream:
         """Bytes from the peer, for read()."""
         if not self._chunks:
             self._chunks = deque()
-        self._chunks.append(data)  # type: ignore[union-attr]
+        self._chunks.append(data)
         self.bytes_in += len(data)
         self._readable.set()
 
@@ -340,7 +340,7 @@ class Session(asyncio.BufferedProtocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._probe: Optional[asyncio.TimerHandle] = None  # the next RTT probe
         self._pings: Deque["asyncio.Future[float]"] = deque()
-        self._tasks: "set[asyncio.Task]" = set()
+        self._tasks: "set[asyncio.Task[None]]" = set()
         self.loop = asyncio.get_event_loop()  # public for Stream, which waits on it
         self.ready = self.loop.create_future()  # set once the transport is up
         self.closed = self.loop.create_future()  # result: the reason, as text
@@ -350,7 +350,7 @@ class Session(asyncio.BufferedProtocol):
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # what Session is used on
         self._conn.last_received = self.loop.time()
         self._schedule_timer()
         self._observe_path_rtt()
@@ -366,7 +366,7 @@ class Session(asyncio.BufferedProtocol):
         # frame cut between two reads), so the next read may overwrite it, and
         # the sessions of one thread can share it (transports call get_buffer()
         # and buffer_updated() back to back).
-        self.data_received(_thread_read_view()[:nbytes])  # type: ignore[arg-type]
+        self.data_received(_thread_read_view()[:nbytes])
 
     def data_received(self, data: bytes) -> None:
         events = self._conn.receive_data(data, self.loop.time())
@@ -418,6 +418,7 @@ class Session(asyncio.BufferedProtocol):
         try:
             await answer
         except _OpenTimedOut:
+            assert timeout is not None  # only the timer raises it
             stream.reset(ResetCode.CANCEL, "open timed out")
             raise SessionClosed("no answer to the open request within %.0f s" % timeout) from None
         finally:
@@ -592,16 +593,17 @@ class Session(asyncio.BufferedProtocol):
             return
         stream = Stream(self, event.stream_id, request, event.priority)
         self._streams[event.stream_id] = stream
-        if self._on_open is None:
+        on_open = self._on_open
+        if on_open is None:
             stream.refuse(mux.RefuseCode.NO_SUCH_CHANNEL, "this side accepts no streams")
             return
-        task = self.loop.create_task(self._serve(stream))
+        task = self.loop.create_task(self._serve(on_open, stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, stream: Stream) -> None:
+    async def _serve(self, on_open: OpenHandler, stream: Stream) -> None:
         try:
-            await self._on_open(stream)  # type: ignore[misc]
+            await on_open(stream)
         except (StreamResetError, SessionClosed, ChannelRefused):
             pass
         except Exception:
