@@ -332,7 +332,9 @@ class Session(asyncio.BufferedProtocol):
         self._on_open = on_open
         self.name = name
         self.transport: Optional[asyncio.Transport] = None
-        self.peer_identity = None  # set by whoever wires TLS in
+        # who the peer is (vproxy.agent.channels.PeerIdentity), set by whoever wires
+        # TLS in (or SO_PEERCRED on the agent's local socket)
+        self.peer_identity: Any = None
         self._streams: Dict[int, Stream] = {}
         self._blocked_writers: "set[Stream]" = set()
         self._paused = False
