@@ -5,6 +5,11 @@ socketpair in tests). It feeds received bytes to vproxy.mux.Connection, turns th
 events into Stream state, and pulls frames out of the core whenever the transport can
 take them, a bounded amount at a time so that an interactive frame never queues behind
 much bulk data.
+
+Session and Stream use none of each other's private members: a Stream asks its session
+through Session.stream_*() (and wake_when_writable, stream_gone, loop); the session
+tells a stream through Stream.feed_*(), answered(), wake_writer(), check_done() and
+finish(). Those are public for each other, not for applications.
 """
 
 import asyncio
