@@ -8,10 +8,12 @@
 Who may open them is the agent's business (AgentConfig.builtin_channels).
 """
 
-from typing import Dict
+from typing import Any, Callable, Dict, List
 
 from vproxy.errors import ChannelRefused
 from vproxy.mux import OpenRequest, RefuseCode
+
+from .channels import Channel, PeerIdentity
 
 NAMES = ("sink", "source", "echo")
 _BLOCK = b"\0" * (256 * 1024)
@@ -59,9 +61,10 @@ class Echo(_Builtin):
 class BuiltinProvider:
     """The provider of the built-in channels (requests with an empty VM name)."""
 
-    _kinds = {"sink": Sink, "source": Source, "echo": Echo}
+    _kinds: Dict[str, Callable[[OpenRequest], Channel]] = {
+        "sink": Sink, "source": Source, "echo": Echo}
 
-    async def open(self, request: OpenRequest, identity) -> _Builtin:
+    async def open(self, request: OpenRequest, identity: PeerIdentity) -> Channel:
         kind = self._kinds.get(request.channel)
         if kind is None:
             raise ChannelRefused(
@@ -75,5 +78,5 @@ class BuiltinProvider:
                 raise ChannelRefused(RefuseCode.BAD_REQUEST, "option bytes must be an integer") from None
         return kind(request)
 
-    async def describe(self):
+    async def describe(self) -> List[Dict[str, Any]]:
         return []

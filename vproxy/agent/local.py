@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Sequence
 
 from vproxy.errors import UserError
 from vproxy.net.address import clear_stale_socket
@@ -55,13 +55,13 @@ class LocalAgentSession(AgentSession):
 class LocalServer:
     """The agent's unix listener; close() also removes the socket file."""
 
-    def __init__(self, server: asyncio.AbstractServer, path: str):
+    def __init__(self, server: asyncio.base_events.Server, path: str):
         self.server = server
         self.path = path
         self._inode = os.stat(path).st_ino
 
     @property
-    def sockets(self):
+    def sockets(self) -> Sequence[socket.socket]:
         return self.server.sockets
 
     def close(self) -> None:

@@ -24,12 +24,15 @@ What happens to what is already connected:
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from vproxy.security import crl as crlmod
 from vproxy.security import tls
 from vproxy.errors import ChannelRefused, UserError
 from vproxy.mux import ResetCode
+
+if TYPE_CHECKING:  # the agent imports this module
+    from .server import Agent
 
 log = logging.getLogger("vproxy.agent")
 
@@ -80,10 +83,10 @@ class _Prepared:
     trust: Optional[crlmod.Trust] = None
 
 
-def prepare(agent: Any, settings: Settings) -> _Prepared:
+def prepare(agent: "Agent", settings: Settings) -> _Prepared:
     """Read and check the new settings; UserError (nothing applied) if anything is wrong."""
     prepared = _Prepared(settings)
-    if agent._ssl is not None:
+    if agent.uses_tls:
         if not settings.cert:
             raise UserError("the new configuration gives the agent no certificate; "
                             "turning TLS off needs a restart")
@@ -93,16 +96,12 @@ def prepare(agent: Any, settings: Settings) -> _Prepared:
     return prepared
 
 
-async def apply(agent: Any, prepared: _Prepared) -> Outcome:
+async def apply(agent: "Agent", prepared: _Prepared) -> Outcome:
     settings = prepared.settings
     outcome = Outcome(needs_restart=list(settings.needs_restart))
     config = agent.config
     if prepared.context is not None:
-        agent._ssl = prepared.context
-        agent._trust = prepared.trust
-        for server in agent._servers:
-            if hasattr(server, "set_context"):
-                server.set_context(prepared.context)
+        agent.use_tls(prepared.context, prepared.trust)
         config.cert, config.key, config.ca, config.crl = (settings.cert, settings.key,
                                                           settings.ca, settings.crl)
     agent.acl = settings.acl
@@ -110,10 +109,10 @@ async def apply(agent: Any, prepared: _Prepared) -> Outcome:
         config.drain_timeout = settings.drain_timeout
 
     if prepared.trust is not None:
-        for session in list(agent.sessions):
-            why = session_reason(session, prepared.trust)
+        for agent_session in list(agent.sessions):
+            why = session_reason(agent_session, prepared.trust)
             if why is not None:
-                session.end("%s: %s" % (session.peer_identity, why))
+                agent_session.end("%s: %s" % (agent_session.peer_identity, why))
                 outcome.sessions_ended += 1
 
     for stream in list(agent.streams):
@@ -122,7 +121,7 @@ async def apply(agent: Any, prepared: _Prepared) -> Outcome:
             continue
         if not stream.request.vm:  # a built-in channel: builtin_channels decides
             try:
-                agent._authorize_builtin(session.peer_identity, stream.request)
+                agent.authorize_builtin(session.peer_identity, stream.request)
                 continue
             except ChannelRefused:
                 pass
@@ -165,7 +164,7 @@ def stale_session_reason(ssl_object: Any, trust: crlmod.Trust) -> Optional[str]:
     return crlmod.still_trusted(cert, before, trust)
 
 
-async def _apply_vms(agent: Any, vms: List[Tuple[str, str]], outcome: Outcome) -> None:
+async def _apply_vms(agent: "Agent", vms: List[Tuple[str, str]], outcome: Outcome) -> None:
     """Make the configured VM list `vms` (VMRegistry.reconfigure: VMs found in --vm-dir
     stay unless a configured VM takes their name; a VM that goes has its streams reset
     with "VM x was removed from the agent's configuration")."""
@@ -190,7 +189,7 @@ async def _apply_vms(agent: Any, vms: List[Tuple[str, str]], outcome: Outcome) -
     agent.metrics.watch_vms(registry)
 
 
-async def reload_agent(agent: Any, settings: Settings) -> Outcome:
+async def reload_agent(agent: "Agent", settings: Settings) -> Outcome:
     return await apply(agent, prepare(agent, settings))
 
 

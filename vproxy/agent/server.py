@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from . import memory
 from vproxy import mux
@@ -19,12 +19,18 @@ from vproxy.security import tls
 from vproxy.net import transport
 from .acl import BUILTIN_POLICIES
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
+from .channels import Channel, ChannelProvider, Listener, PeerIdentity
 from .metrics import Metrics
-from vproxy.mux import RefuseCode
+from vproxy.mux import OpenRequest, RefuseCode
 from vproxy.net.address import format_sockname
 from vproxy.net.session import Stream
+from vproxy.security.crl import Trust
 from .session import AgentSession
 from .local import start_local_server
+
+if TYPE_CHECKING:  # imported when needed: an agent without VMs loads no QEMU code
+    from .metrics import MetricsServer
+    from .qemu.vms import VMRegistry
 
 log = logging.getLogger("vproxy.agent")
 audit_log = logging.getLogger("vproxy.audit")
@@ -60,7 +66,8 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, providers: Optional[dict] = None, acl: Any = None):
+    def __init__(self, config: AgentConfig,
+                 providers: Optional[Dict[str, ChannelProvider]] = None, acl: Any = None):
         """providers: maps "" (built-ins) and "vm" to provider objects."""
         if config.builtin_channels not in BUILTIN_POLICIES:
             raise ValueError("builtin_channels must be one of %s, not %r"
@@ -68,22 +75,42 @@ class Agent:
         self.config = config
         from .builtin import BuiltinProvider
 
-        self.providers = {"": BuiltinProvider()}
+        self.providers: Dict[str, ChannelProvider] = {"": BuiltinProvider()}
         self.providers.update(providers or {})
         self.acl = acl
-        self.registry = None  # vproxy.agent.qemu.vms.VMRegistry, when VMs are configured
+        self.registry: Optional[VMRegistry] = None  # when VMs are configured
         self.sessions: "set[AgentSession]" = set()
         self.sessions_per_identity: Dict[Any, int] = {}  # live sessions of each identity
         self.sessions_per_address: Dict[str, int] = {}  # live TLS sessions of each source IP
         self.streams: "set[Stream]" = set()  # accepted and not yet ended (reload, metrics)
         self.metrics = Metrics()
-        self.metrics_server = None  # vproxy.agent.metrics.MetricsServer, with config.metrics
+        self.metrics_server: Optional[MetricsServer] = None  # with config.metrics
         self.draining = False
-        self._servers: List[transport.Server] = []
+        self._servers: List[Listener] = []
         self._ssl: Optional[ssl.SSLContext] = None
-        self._trust = None  # vproxy.security.crl.Trust after a reload: judges late handshakes
+        self._trust: Optional[Trust] = None  # after a reload: judges late handshakes
         self._reload_lock: Optional[asyncio.Lock] = None
         self._release_timer: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def listeners(self) -> List[Listener]:
+        """What the agent listens on: its TLS server, its local socket."""
+        return list(self._servers)
+
+    @property
+    def uses_tls(self) -> bool:
+        """True unless the agent listens on its local socket alone."""
+        return self._ssl is not None
+
+    def use_tls(self, context: ssl.SSLContext, trust: Optional[Trust]) -> None:
+        """New handshakes get `context` from now on (reload); a handshake that began
+        before finishes with the old one and is judged by `trust` (the new CA and
+        CRL) when it arrives (judge_late_handshake)."""
+        self._ssl = context
+        self._trust = trust
+        for server in self._servers:
+            if isinstance(server, transport.Server):
+                server.set_context(context)
 
     @property
     def addresses(self) -> List[str]:
@@ -188,7 +215,7 @@ class Agent:
         if self.metrics_server is not None:
             await self.metrics_server.close()
 
-    async def listing(self, identity) -> List[dict]:
+    async def listing(self, identity: PeerIdentity) -> List[Dict[str, Any]]:
         """What `vproxy ls` shows this identity: the VMs the ACL lets it open anything on."""
         provider = self.providers.get("vm")
         if provider is None:
@@ -201,12 +228,12 @@ class Agent:
 
     async def serve_stream(self, session: AgentSession, stream: Stream) -> None:
         request = stream.request
-        identity = session.peer_identity
+        identity: PeerIdentity = session.peer_identity
         started = time.monotonic()
         result = "ok"
         try:
             if not request.vm and request.channel == "ls":
-                channel = ListingChannel(await self.listing(identity))
+                channel: Channel = ListingChannel(await self.listing(identity))
                 stream.accept(channel.info)
                 self.metrics.opened()
                 await channel.run(stream)
@@ -215,7 +242,7 @@ class Agent:
             if request.vm:  # before anything else: say nothing about VMs to strangers
                 self._authorize(identity, request)
             else:
-                self._authorize_builtin(identity, request)
+                self.authorize_builtin(identity, request)
             provider = self.providers.get("" if not request.vm else "vm")
             if provider is None:
                 raise ChannelRefused(RefuseCode.NO_SUCH_VM,
@@ -225,7 +252,7 @@ class Agent:
                 if request.vm:
                     self._authorize(identity, request)
                 else:
-                    self._authorize_builtin(identity, request)
+                    self.authorize_builtin(identity, request)
         except ChannelRefused as e:
             result = "refused: %s" % e.message
             stream.refuse(e.code, e.message)
@@ -251,13 +278,13 @@ class Agent:
             self.metrics.stream_ended(stream)
             self._audit(identity, request, result, stream, started)
 
-    def _authorize(self, identity, request) -> None:
+    def _authorize(self, identity: PeerIdentity, request: OpenRequest) -> None:
         if self.acl is None:
             raise ChannelRefused(RefuseCode.FORBIDDEN,
                                  "%s may not open %s: this agent has no ACL" % (identity, request.describe()))
         self.acl.check(identity, request)
 
-    def _authorize_builtin(self, identity, request) -> None:
+    def authorize_builtin(self, identity: PeerIdentity, request: OpenRequest) -> None:
         """builtin_channels: raise ChannelRefused(FORBIDDEN) if `identity` may not open
         the built-in channel of `request` (names that are no built-in channel pass: the
         provider says there is no such channel)."""

@@ -115,7 +115,7 @@ class AgentSession(Session):
         if self._not_after is None:
             log.warning("%s: cannot read the expiry of the peer's certificate", self.name)
             return
-        self._expiry_timer = tls.ExpiryWatch(self._loop, self._not_after, self._expired)
+        self._expiry_timer = tls.ExpiryWatch(self.loop, self._not_after, self._expired)
 
     def _expired(self) -> None:
         self._expiry_timer = None

@@ -186,7 +186,7 @@ class AsyncStream(AsyncExpect):
             if s.error is None and not s.closed:
                 deadline = time.monotonic() + 5.0
                 # the session's core still holds what the peer's window did not take yet
-                while (s.error is None and s.session._conn.send_buffered(s.stream_id)
+                while (s.error is None and s.session.send_buffered(s.stream_id)
                        and time.monotonic() < deadline):
                     await asyncio.sleep(0.01)
                 if s.error is None and not s.closed:

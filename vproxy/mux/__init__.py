@@ -34,4 +34,12 @@ from .frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, Priority
 
 ALPN = "vproxy/1"
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# spelled out, not computed: a type checker reads this list to know what is exported
+__all__ = [
+    "ALPN", "BadRequest", "Config", "Connection", "ConnectionTerminated", "DataReceived",
+    "ErrorCode", "Event", "Frame", "FrameDecoder", "FrameError", "FrameType",
+    "GoAwayReceived", "LocalProtocolError", "MAX_PAYLOAD", "NoticeReceived", "OpenRequest",
+    "PingAcknowledged", "Priority", "ProtocolError", "RefuseCode", "RemoteProtocolError",
+    "ResetCode", "StreamAccepted", "StreamClosed", "StreamEnded", "StreamOpened",
+    "StreamRefused", "StreamReset", "StreamState",
+]

@@ -141,7 +141,7 @@ class _Stream:
         self.rate_start = 0.0  # rate_bytes were consumed since this time
         self.rate_bytes = 0
 
-    def take(self, size: int, parts: List[memoryview]) -> None:
+    def take(self, size: int, parts: List[Union[bytes, memoryview]]) -> None:
         """Move the first `size` buffered bytes to parts (views, no copy)."""
         buffer: Deque[memoryview] = self.send_buffer  # type: ignore[assignment]
         need = size
@@ -173,7 +173,8 @@ class Connection:
         self._last_remote_id = 0  # highest stream id the peer opened
         self._remote_open = 0  # streams the peer opened that are not closed
         self._control: List[bytes] = []
-        self._send_queues = (deque(), deque())  # by Priority
+        # streams with data or an END_STREAM to send and the window for it, by Priority
+        self._send_queues: Tuple[Deque[_Stream], Deque[_Stream]] = (deque(), deque())
         self._budget_used = 0  # sum of recv_window over streams
         self._interactive = 0  # open streams of Priority.INTERACTIVE
         self._decoder = fr.FrameDecoder()
@@ -354,7 +355,7 @@ class Connection:
     def data_to_send(self, limit: int = 256 * 1024) -> bytes:
         """Frames ready to go: control frames first, then interactive streams, then bulk,
         round-robin within a class, no more than `limit` bytes of data frames."""
-        out: List[Union[bytes, memoryview]] = self._control  # type: ignore[assignment]
+        out: List[Union[bytes, memoryview]] = self._control
         self._control = []
         budget = limit
         streams = self._streams
@@ -373,7 +374,7 @@ class Connection:
                 # join below is the only copy
                 out.append(header(size << 8, Flag.END_STREAM if end else 0, s.id))
                 if size:
-                    s.take(size, out)  # type: ignore[arg-type]
+                    s.take(size, out)
                 budget -= size + fr.HEADER_SIZE
                 s.send_window -= size
                 if end:
@@ -424,15 +425,15 @@ class Connection:
         run_id = 0
         try:
             for ftype, flags, sid, payload in raw:
-                if ftype == 0 and not flags & Flag.END_STREAM:
-                    # DATA: the fast path of _receive_stream_frame, same checks
+                if ftype == 0 and not flags & Flag.END_STREAM:  # 0: FrameType.DATA
+                    # The fast path: DATA within the window of a stream that may
+                    # receive it, which is all _receive_stream_frame would do with it,
+                    # without building a Frame. Anything else (an unknown or closed
+                    # stream, more than the window) takes the slow path below, which
+                    # keeps the checks and says what is wrong.
                     s = streams.get(sid)
-                    if s is not None and s.state in _RECV_DATA_STATES:
-                        size = len(payload)
-                        if size > s.recv_credit:
-                            raise RemoteProtocolError(
-                                "stream %d: %d bytes of DATA with only %d bytes of window"
-                                % (sid, size, s.recv_credit), ErrorCode.FLOW_CONTROL_ERROR)
+                    size = len(payload)
+                    if s is not None and s.state in _RECV_DATA_STATES and size <= s.recv_credit:
                         s.recv_credit -= size
                         if size:
                             if sid != run_id:

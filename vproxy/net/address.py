@@ -44,7 +44,7 @@ def format_host_port(host: str, port: int) -> str:
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
-def format_sockname(sockname) -> str:
+def format_sockname(sockname: object) -> str:
     """A socket address as people read it: "host:port", "[v6]:port", or the text of a
     unix socket's name."""
     if isinstance(sockname, tuple) and len(sockname) >= 2:

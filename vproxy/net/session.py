@@ -5,13 +5,18 @@ socketpair in tests). It feeds received bytes to vproxy.mux.Connection, turns th
 events into Stream state, and pulls frames out of the core whenever the transport can
 take them, a bounded amount at a time so that an interactive frame never queues behind
 much bulk data.
+
+Session and Stream use none of each other's private members: a Stream asks its session
+through Session.stream_*() (and wake_when_writable, stream_gone, loop); the session
+tells a stream through Stream.feed_*(), answered(), wake_writer(), check_done() and
+finish(). Those are public for each other, not for applications.
 """
 
 import asyncio
 import logging
 import threading
 from collections import deque
-from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple, Union, cast
 
 from vproxy import mux
 from . import tcpinfo
@@ -66,13 +71,11 @@ class Stream:
 
     def accept(self, info: Optional[Dict[str, str]] = None) -> None:
         self.info = dict(info or {})
-        self.session._conn.accept(self.stream_id, self.info)
-        self.session._data_queued()  # the opener is waiting for this
+        self.session.stream_accept(self.stream_id, self.info)
 
     def refuse(self, code: int, message: str) -> None:
-        self.session._conn.refuse(self.stream_id, code, message)
-        self._finish(ChannelRefused(code, message))
-        self.session._schedule_flush()
+        self.session.stream_refuse(self.stream_id, code, message)
+        self.finish(ChannelRefused(code, message))
 
     # -- data -------------------------------------------------------------------------
 
@@ -84,8 +87,8 @@ class Stream:
             if self.remote_ended:
                 return b""
             self._readable.clear()
-            await self._readable.wait(self.session._loop)
-        chunks: Deque[bytes] = self._chunks  # type: ignore[assignment]
+            await self._readable.wait(self.session.loop)
+        chunks: Deque[bytes] = self._chunks
         chunk = chunks[0]
         offset = self._offset
         size = len(chunk) - offset
@@ -99,17 +102,17 @@ class Stream:
         else:  # part of the first chunk; the offset saves copying the rest
             self._offset = offset + max_bytes
             chunk = chunk[offset : self._offset]
-        self.session._consumed(self.stream_id, len(chunk))
+        self.session.stream_consumed(self.stream_id, len(chunk))
         if not chunks:
             self._chunks = ()
             if self.remote_ended:
-                self._maybe_done()
+                self.check_done()
         return chunk
 
     def _gather(self, max_bytes: int) -> bytes:
         """Take up to max_bytes off the front of _chunks, as one bytes object."""
         chunks: Deque[bytes] = self._chunks  # type: ignore[assignment]
-        parts = [memoryview(chunks.popleft())[self._offset :]]
+        parts: List[Union[bytes, memoryview]] = [memoryview(chunks.popleft())[self._offset :]]
         self._offset = 0
         size = len(parts[0])
         while chunks and size < max_bytes:
@@ -124,7 +127,7 @@ class Stream:
         return b"".join(parts)
 
     async def readexactly(self, size: int) -> bytes:
-        parts = []
+        parts: List[bytes] = []
         while size:
             chunk = await self.read(size)
             if not chunk:
@@ -141,14 +144,14 @@ class Stream:
             raise StreamResetError(ResetCode.STREAM_CLOSED, "write after close()")
         if not data:
             return
-        conn = self.session._conn
-        conn.send_data(self.stream_id, bytes(data))
+        session = self.session
+        buffered = session.stream_write(self.stream_id, bytes(data))
         self.bytes_out += len(data)
-        self.session._data_queued()
-        while conn.send_buffered(self.stream_id) > WRITE_HIGH_WATER and self.error is None:
+        while buffered > WRITE_HIGH_WATER and self.error is None:
             self._writable.clear()
-            self.session._blocked_writers.add(self)
-            await self._writable.wait(self.session._loop)
+            session.wake_when_writable(self)
+            await self._writable.wait(session.loop)
+            buffered = session.send_buffered(self.stream_id)
         if self.error is not None:
             raise self.error
 
@@ -157,32 +160,29 @@ class Stream:
         if self.local_ended or self.error is not None:
             return
         self.local_ended = True
-        self.session._conn.end_stream(self.stream_id)
-        self.session._schedule_flush()
-        self._maybe_done()
+        self.session.stream_end(self.stream_id)
+        self.check_done()
 
     def reset(self, code: int = ResetCode.CANCEL, message: str = "") -> None:
         if self.error is not None and self._closed.is_set():
             return
-        self.session._conn.reset_stream(self.stream_id, code, message)
-        self.session._schedule_flush()
-        self._finish(StreamResetError(code, message or "reset by this side"))
+        self.session.stream_reset(self.stream_id, code, message)
+        self.finish(StreamResetError(code, message or "reset by this side"))
 
     # -- notices ----------------------------------------------------------------------
 
     def notify(self, fields: Dict[str, str]) -> None:
         if self.error is not None or self._closed.is_set():
             return
-        self.session._conn.send_notice(self.stream_id, fields)
-        self.session._schedule_flush()
+        self.session.stream_notice(self.stream_id, fields)
 
     async def next_notice(self) -> Dict[str, str]:
         while not self._notices:
             if self.error is not None or self._closed.is_set():
                 raise self.error or SessionClosed("stream closed")
             self._notice_ready.clear()
-            await self._notice_ready.wait(self.session._loop)
-        return self._notices.popleft()  # type: ignore[union-attr]
+            await self._notice_ready.wait(self.session.loop)
+        return self._notices.popleft()
 
     def pending_notices(self) -> List[Dict[str, str]]:
         out = list(self._notices or ())
@@ -196,14 +196,57 @@ class Stream:
         return self._closed.is_set()
 
     async def wait_closed(self) -> None:
-        await self._closed.wait(self.session._loop)
+        await self._closed.wait(self.session.loop)
 
-    def _maybe_done(self) -> None:
+    # -- what the session tells the stream ----------------------------------------------
+    # Called by Session only (public so that neither reaches into the other's private
+    # members): the peer's frames, turned into this stream's state.
+
+    def expect_answer(self) -> "asyncio.Future[None]":
+        """The future that the peer's ACCEPT sets (and REFUSE or the end fails)."""
+        answer = self._answer = self.session.loop.create_future()
+        return answer
+
+    def answered(self, info: Dict[str, str]) -> None:
+        """The peer accepted the open this side sent."""
+        if self._answer is not None:
+            self.info = info
+            self._answer.set_result(None)
+
+    def feed_data(self, data: bytes) -> None:
+        """Bytes from the peer, for read()."""
+        if not self._chunks:
+            self._chunks = deque()
+        self._chunks.append(data)
+        self.bytes_in += len(data)
+        self._readable.set()
+
+    def feed_eof(self) -> None:
+        """The peer half-closed: read() returns b"" once the rest was read."""
+        self.remote_ended = True
+        self._readable.set()
+        self.check_done()
+
+    def feed_notice(self, fields: Dict[str, str]) -> None:
+        """A NOTICE from the peer, for next_notice(); the oldest go beyond MAX_NOTICES."""
+        if self._notices is None:
+            self._notices = deque(maxlen=MAX_NOTICES)
+        self._notices.append(fields)
+        self._notice_ready.set()
+
+    def wake_writer(self) -> None:
+        """The session sent enough of what write() queued: a waiting write() goes on."""
+        self._writable.set()
+
+    def check_done(self) -> None:
+        """Closed once both sides ended and everything received was read."""
         if self.local_ended and self.remote_ended and not self._chunks:
             self._closed.set()
-            self.session._streams.pop(self.stream_id, None)
+            self.session.stream_gone(self.stream_id)
 
-    def _finish(self, error: Optional[Exception]) -> None:
+    def finish(self, error: Optional[Exception]) -> None:
+        """The stream is over (refused, reset or the session ended): wake every waiter;
+        they raise `error` (the first one given) where there is one."""
         if error is not None and self.error is None:
             self.error = error
         self._readable.set()
@@ -212,7 +255,7 @@ class Stream:
         self._closed.set()
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(error or SessionClosed("stream closed"))
-        self.session._streams.pop(self.stream_id, None)
+        self.session.stream_gone(self.stream_id)
 
 
 OpenHandler = Callable[[Stream], Awaitable[None]]
@@ -294,7 +337,9 @@ class Session(asyncio.BufferedProtocol):
         self._on_open = on_open
         self.name = name
         self.transport: Optional[asyncio.Transport] = None
-        self.peer_identity = None  # set by whoever wires TLS in
+        # who the peer is (vproxy.agent.channels.PeerIdentity), set by whoever wires
+        # TLS in (or SO_PEERCRED on the agent's local socket)
+        self.peer_identity: Any = None
         self._streams: Dict[int, Stream] = {}
         self._blocked_writers: "set[Stream]" = set()
         self._paused = False
@@ -302,21 +347,21 @@ class Session(asyncio.BufferedProtocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._probe: Optional[asyncio.TimerHandle] = None  # the next RTT probe
         self._pings: Deque["asyncio.Future[float]"] = deque()
-        self._tasks: "set[asyncio.Task]" = set()
-        self._loop = asyncio.get_event_loop()
-        self.ready = self._loop.create_future()  # set once the transport is up
-        self.closed = self._loop.create_future()  # result: the reason, as text
+        self._tasks: "set[asyncio.Task[None]]" = set()
+        self.loop = asyncio.get_event_loop()  # public for Stream, which waits on it
+        self.ready = self.loop.create_future()  # set once the transport is up
+        self.closed = self.loop.create_future()  # result: the reason, as text
         self.close_reason: Optional[str] = None
         self.remote_goaway: Optional[str] = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self._conn.last_received = self._loop.time()
+        self.transport = cast(asyncio.Transport, transport)  # what Session is used on
+        self._conn.last_received = self.loop.time()
         self._schedule_timer()
         self._observe_path_rtt()
-        self._probe = self._loop.call_later(RTT_PROBES[0], self._probe_rtt, RTT_PROBES[1:])
+        self._probe = self.loop.call_later(RTT_PROBES[0], self._probe_rtt, RTT_PROBES[1:])
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -328,10 +373,10 @@ class Session(asyncio.BufferedProtocol):
         # frame cut between two reads), so the next read may overwrite it, and
         # the sessions of one thread can share it (transports call get_buffer()
         # and buffer_updated() back to back).
-        self.data_received(_thread_read_view()[:nbytes])  # type: ignore[arg-type]
+        self.data_received(_thread_read_view()[:nbytes])
 
     def data_received(self, data: bytes) -> None:
-        events = self._conn.receive_data(data, self._loop.time())
+        events = self._conn.receive_data(data, self.loop.time())
         for event in events:
             self._handle(event)
         self._flush()
@@ -371,15 +416,16 @@ class Session(asyncio.BufferedProtocol):
         except mux.LocalProtocolError as e:
             raise SessionClosed(e.message) from None
         stream = Stream(self, sid, request, priority)
-        answer = stream._answer = self._loop.create_future()
+        answer = stream.expect_answer()
         self._streams[sid] = stream
         self._data_queued()
         # A timer on the answer itself, not wait_for(shield(...)): those cost three
         # more turns of the event loop between the ACCEPT and this task.
-        timer = None if timeout is None else self._loop.call_later(timeout, _expire, answer)
+        timer = None if timeout is None else self.loop.call_later(timeout, _expire, answer)
         try:
             await answer
         except _OpenTimedOut:
+            assert timeout is not None  # only the timer raises it
             stream.reset(ResetCode.CANCEL, "open timed out")
             raise SessionClosed("no answer to the open request within %.0f s" % timeout) from None
         finally:
@@ -389,9 +435,9 @@ class Session(asyncio.BufferedProtocol):
 
     async def ping(self, timeout: float = 10.0) -> float:
         """Round-trip time in seconds."""
-        fut = self._loop.create_future()
+        fut = self.loop.create_future()
         self._pings.append(fut)
-        self._conn.ping(self._loop.time())
+        self._conn.ping(self.loop.time())
         self._flush()
         return await asyncio.wait_for(fut, timeout)
 
@@ -426,71 +472,125 @@ class Session(asyncio.BufferedProtocol):
     async def wait_closed(self) -> str:
         return await asyncio.shield(self.closed)
 
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes written to the stream that the core still holds (the peer's window
+        has not taken them yet, or the transport could not)."""
+        return self._conn.send_buffered(stream_id)
+
+    # -- what a stream asks of its session ----------------------------------------------
+    # Called by Stream only (public so that neither reaches into the other's private
+    # members): each queues a frame in the core and sees that it gets sent.
+
+    def stream_accept(self, stream_id: int, info: Dict[str, str]) -> None:
+        self._conn.accept(stream_id, info)
+        self._data_queued()  # the opener is waiting for this
+
+    def stream_refuse(self, stream_id: int, code: int, message: str) -> None:
+        self._conn.refuse(stream_id, code, message)
+        self._schedule_flush()
+
+    def stream_write(self, stream_id: int, data: bytes) -> int:
+        """Queue data; returns what the stream has buffered once the transport took
+        what it could."""
+        conn = self._conn
+        conn.send_data(stream_id, data)
+        self._data_queued()
+        return conn.send_buffered(stream_id)
+
+    def stream_end(self, stream_id: int) -> None:
+        self._conn.end_stream(stream_id)
+        self._schedule_flush()
+
+    def stream_reset(self, stream_id: int, code: int, message: str) -> None:
+        self._conn.reset_stream(stream_id, code, message)
+        self._schedule_flush()
+
+    def stream_notice(self, stream_id: int, fields: Dict[str, str]) -> None:
+        self._conn.send_notice(stream_id, fields)
+        self._schedule_flush()
+
+    def stream_consumed(self, stream_id: int, size: int) -> None:
+        """The application read `size` bytes: give the peer credit for them."""
+        if self._conn.acknowledge(stream_id, size, self.loop.time()):
+            self._schedule_flush()  # a WINDOW frame is queued
+
+    def wake_when_writable(self, stream: Stream) -> None:
+        """stream.wake_writer() once its buffer is down to WRITE_HIGH_WATER."""
+        self._blocked_writers.add(stream)
+
+    def stream_gone(self, stream_id: int) -> None:
+        """The stream is closed: the session forgets it."""
+        self._streams.pop(stream_id, None)
+
     # -- internals --------------------------------------------------------------------
 
     async def _drained(self) -> None:
         while self._streams:
             await asyncio.sleep(0.05)
 
-    def _consumed(self, stream_id: int, size: int) -> None:
-        if self._conn.acknowledge(stream_id, size, self._loop.time()):
-            self._schedule_flush()  # a WINDOW frame is queued
-
     def _handle(self, event: mux.Event) -> None:
-        stream = self._streams.get(getattr(event, "stream_id", 0))
-        if isinstance(event, mux.DataReceived):
-            if stream is not None:
-                if not stream._chunks:
-                    stream._chunks = deque()
-                stream._chunks.append(event.data)  # type: ignore[union-attr]
-                stream.bytes_in += len(event.data)
-                stream._readable.set()
-            else:  # the application already let go of it: free the credit
-                self._conn.acknowledge(event.stream_id, len(event.data), self._loop.time())
-        elif isinstance(event, mux.StreamOpened):
-            self._incoming(event)
-        elif isinstance(event, mux.StreamAccepted):
-            if stream is not None and stream._answer is not None:
-                stream.info = event.info
-                stream._answer.set_result(None)
-        elif isinstance(event, mux.StreamRefused):
-            if stream is not None:
-                stream._finish(ChannelRefused(event.code, event.message))
-        elif isinstance(event, mux.StreamEnded):
-            if stream is not None:
-                stream.remote_ended = True
-                stream._readable.set()
-                stream._maybe_done()
-        elif isinstance(event, mux.StreamReset):
-            if stream is not None:
-                stream._finish(StreamResetError(event.code, event.message))
-        elif isinstance(event, mux.StreamClosed):
-            if stream is not None and stream.local_ended and stream.remote_ended:
-                stream._maybe_done()
-        elif isinstance(event, mux.NoticeReceived):
-            if stream is not None:
-                if stream._notices is None:
-                    stream._notices = deque(maxlen=MAX_NOTICES)
-                stream._notices.append(event.fields)
-                stream._notice_ready.set()
-        elif isinstance(event, mux.PingAcknowledged):
-            while self._pings:
-                fut = self._pings.popleft()
-                if not fut.done():
-                    fut.set_result(event.rtt)
-                    break
-        elif isinstance(event, mux.GoAwayReceived):
-            self.remote_goaway = event.message or "the peer is going away"
-            if event.code != mux.ErrorCode.NO_ERROR:
-                self.close_reason = "the peer ended the session: %s (%s)" % (
-                    event.message, _code_name(event.code))
-        elif isinstance(event, mux.ConnectionTerminated):
-            self.close_reason = "%s (%s)" % (event.message, _code_name(event.code))
-            log.warning("%s: ending session: %s", self.name, self.close_reason)
-            self._flush()
-            if self.transport is not None:
-                self.transport.close()
-            self._lost(self.close_reason)
+        _HANDLERS[type(event)](self, event)
+
+    # One method per event of the core (the table _HANDLERS below). Events of a stream
+    # the application already let go of are dropped, but for the credit of its data.
+
+    def _on_data(self, event: mux.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.feed_data(event.data)
+        else:  # the application already let go of it: free the credit
+            self._conn.acknowledge(event.stream_id, len(event.data), self.loop.time())
+
+    def _on_accepted(self, event: mux.StreamAccepted) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.answered(event.info)
+
+    def _on_refused(self, event: mux.StreamRefused) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.finish(ChannelRefused(event.code, event.message))
+
+    def _on_ended(self, event: mux.StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.feed_eof()
+
+    def _on_reset(self, event: mux.StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.finish(StreamResetError(event.code, event.message))
+
+    def _on_closed(self, event: mux.StreamClosed) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.check_done()
+
+    def _on_notice(self, event: mux.NoticeReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.feed_notice(event.fields)
+
+    def _on_ping_ack(self, event: mux.PingAcknowledged) -> None:
+        while self._pings:
+            fut = self._pings.popleft()
+            if not fut.done():
+                fut.set_result(event.rtt)
+                break
+
+    def _on_goaway(self, event: mux.GoAwayReceived) -> None:
+        self.remote_goaway = event.message or "the peer is going away"
+        if event.code != mux.ErrorCode.NO_ERROR:
+            self.close_reason = "the peer ended the session: %s (%s)" % (
+                event.message, _code_name(event.code))
+
+    def _on_terminated(self, event: mux.ConnectionTerminated) -> None:
+        self.close_reason = "%s (%s)" % (event.message, _code_name(event.code))
+        log.warning("%s: ending session: %s", self.name, self.close_reason)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._lost(self.close_reason)
 
     def _incoming(self, event: mux.StreamOpened) -> None:
         try:
@@ -500,16 +600,17 @@ class Session(asyncio.BufferedProtocol):
             return
         stream = Stream(self, event.stream_id, request, event.priority)
         self._streams[event.stream_id] = stream
-        if self._on_open is None:
+        on_open = self._on_open
+        if on_open is None:
             stream.refuse(mux.RefuseCode.NO_SUCH_CHANNEL, "this side accepts no streams")
             return
-        task = self._loop.create_task(self._serve(stream))
+        task = self.loop.create_task(self._serve(on_open, stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, stream: Stream) -> None:
+    async def _serve(self, on_open: OpenHandler, stream: Stream) -> None:
         try:
-            await self._on_open(stream)  # type: ignore[misc]
+            await on_open(stream)
         except (StreamResetError, SessionClosed, ChannelRefused):
             pass
         except Exception:
@@ -534,7 +635,7 @@ class Session(asyncio.BufferedProtocol):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -549,7 +650,7 @@ class Session(asyncio.BufferedProtocol):
             for stream in list(self._blocked_writers):
                 if self._conn.send_buffered(stream.stream_id) <= WRITE_HIGH_WATER:
                     self._blocked_writers.discard(stream)
-                    stream._writable.set()
+                    stream.wake_writer()
         if self._conn.is_drained and self._conn.local_goaway and self.close_reason is None:
             pass  # goaway() closes once drained
 
@@ -560,10 +661,10 @@ class Session(asyncio.BufferedProtocol):
         if self.closed.done() or self.transport is None or self.transport.is_closing():
             return
         self._observe_path_rtt()
-        self._conn.probe_rtt(self._loop.time())
+        self._conn.probe_rtt(self.loop.time())
         self._flush()
         if later:
-            self._probe = self._loop.call_later(later[0], self._probe_rtt, later[1:])
+            self._probe = self.loop.call_later(later[0], self._probe_rtt, later[1:])
 
     def _observe_path_rtt(self) -> None:
         """TCP's minimum round trip, where the transport has one: the probe pings run
@@ -578,13 +679,13 @@ class Session(asyncio.BufferedProtocol):
     def _schedule_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(self._conn.next_deadline(), self._on_timer)
+        self._timer = self.loop.call_at(self._conn.next_deadline(), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.closed.done():
             return
-        for event in self._conn.handle_timer(self._loop.time()):
+        for event in self._conn.handle_timer(self.loop.time()):
             self._handle(event)
         self._flush()
         if not self.closed.done():
@@ -601,7 +702,7 @@ class Session(asyncio.BufferedProtocol):
             self._probe.cancel()  # it holds the session: a closed one would live 11 s on
         error = SessionClosed(self.close_reason)
         for stream in list(self._streams.values()):
-            stream._finish(error)
+            stream.finish(error)
         for fut in self._pings:
             if not fut.done():
                 fut.set_exception(error)
@@ -611,6 +712,22 @@ class Session(asyncio.BufferedProtocol):
         self.closed.set_result(self.close_reason)
         for task in list(self._tasks):
             task.cancel()
+
+
+# What Session._handle does with each event of the core.
+_HANDLERS: Dict[type, Callable[[Session, Any], None]] = {
+    mux.DataReceived: Session._on_data,
+    mux.StreamOpened: Session._incoming,
+    mux.StreamAccepted: Session._on_accepted,
+    mux.StreamRefused: Session._on_refused,
+    mux.StreamEnded: Session._on_ended,
+    mux.StreamReset: Session._on_reset,
+    mux.StreamClosed: Session._on_closed,
+    mux.NoticeReceived: Session._on_notice,
+    mux.PingAcknowledged: Session._on_ping_ack,
+    mux.GoAwayReceived: Session._on_goaway,
+    mux.ConnectionTerminated: Session._on_terminated,
+}
 
 
 class _OpenTimedOut(Exception):

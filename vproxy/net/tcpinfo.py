@@ -27,7 +27,7 @@ def min_rtt(sock: Optional[socket.socket]) -> Optional[float]:
         return None
     if len(raw) < _TCP_INFO_SIZE:
         return None
-    (micros,) = struct.unpack_from("=I", raw, _MIN_RTT_OFFSET)
+    micros: int = struct.unpack_from("=I", raw, _MIN_RTT_OFFSET)[0]
     if micros == 0 or micros == 0xFFFFFFFF:  # no sample yet (~0U before the first)
         return None
     return micros / 1e6

@@ -44,7 +44,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 log = logging.getLogger("vproxy.transport")
 
@@ -69,9 +69,9 @@ _CONNLOST_WARN = 5  # warn (once) when this many writes came after close or loss
 HandshakeErrorCallback = Callable[[Any, BaseException], None]
 
 
-def _timeout_bases() -> tuple:
+def _timeout_bases() -> Tuple[type, ...]:
     # asyncio.TimeoutError is the builtin TimeoutError from Python 3.11 on.
-    if asyncio.TimeoutError is TimeoutError:
+    if issubclass(asyncio.TimeoutError, TimeoutError):
         return (TimeoutError,)
     return (asyncio.TimeoutError, TimeoutError)
 
@@ -304,7 +304,7 @@ class TlsTransport(asyncio.Transport):
             self._update_interest()
         self._maybe_pause_protocol()
 
-    def writelines(self, list_of_data) -> None:
+    def writelines(self, list_of_data: Iterable[Union[bytes, bytearray, memoryview]]) -> None:
         for data in list_of_data:
             self.write(data)
 
@@ -445,7 +445,7 @@ class TlsTransport(asyncio.Transport):
             view = self._read_view
         size = len(view)
         filled = 0
-        error: Optional[BaseException] = None
+        error: Optional[Exception] = None
         eof = False
         while filled < size:
             try:
@@ -546,7 +546,7 @@ class TlsTransport(asyncio.Transport):
             size += len(block)
         return b"".join(parts)
 
-    def _write_failed(self, exc: BaseException) -> None:
+    def _write_failed(self, exc: Exception) -> None:
         """The peer is gone. If it told us why (a TLS alert), report that instead."""
         self._queue.clear()
         self._offered = None
@@ -616,7 +616,7 @@ class TlsTransport(asyncio.Transport):
         log.debug("%r: could not flush within %g s; aborting", self, CLOSE_TIMEOUT)
         self._force_close(None)
 
-    def _fatal(self, exc: BaseException, message: Optional[str] = None) -> None:
+    def _fatal(self, exc: Exception, message: Optional[str] = None) -> None:
         if message is not None:
             self._loop.call_exception_handler({
                 "message": message, "exception": exc,
@@ -626,7 +626,7 @@ class TlsTransport(asyncio.Transport):
             log.debug("%r: %s", self, exc)
         self._force_close(exc)
 
-    def _force_close(self, exc: Optional[BaseException]) -> None:
+    def _force_close(self, exc: Optional[Exception]) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -651,7 +651,7 @@ class TlsTransport(asyncio.Transport):
             self._close_timer = None
         self._sock = None
 
-    def _schedule_connection_lost(self, exc: Optional[BaseException]) -> None:
+    def _schedule_connection_lost(self, exc: Optional[Exception]) -> None:
         if not self._lost_scheduled:
             self._lost_scheduled = True
             self._loop.call_soon(self._protocol.connection_lost, exc)
@@ -815,7 +815,7 @@ class Server:
     async def __aenter__(self) -> "Server":
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.close()
         await self.wait_closed()
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from vproxy.agent.channels import Channel, PeerIdentity
+from vproxy.mux import OpenRequest
+
 from ._streams import RefuseCode, refuse
 from .errors import QemuError
 from .vms import VMRegistry
@@ -27,7 +30,7 @@ class QemuProvider:
         self.registry = registry
         self.ready_timeout = ready_timeout
 
-    async def open(self, request: Any, identity: Any) -> Any:
+    async def open(self, request: OpenRequest, identity: PeerIdentity) -> Channel:
         kind, _, arg = request.channel.partition(":")
         if kind not in CHANNEL_KINDS:
             raise refuse(RefuseCode.NO_SUCH_CHANNEL,
