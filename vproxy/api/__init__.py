@@ -19,9 +19,11 @@ Rules this module keeps:
   event loop that each sync Client owns in a daemon thread ("vproxy-api") and wait for
   the result. So the sync API works in plain scripts, in pytest, and even inside
   someone else's running event loop (not from its own loop thread: that raises).
-- Arguments of `connect` left out come from the environment variables the CLI reads:
-  VPROXY_HOST, VPROXY_IDENTITY, VPROXY_PKI_DIR, VPROXY_CERT, VPROXY_KEY, VPROXY_CA,
-  VPROXY_CRL (an explicit --cert beats an identity, as in the CLI).
+- Arguments of `connect` left out are found as the CLI finds them (one resolver,
+  vproxy.client.credentials): the environment variables VPROXY_HOST, VPROXY_IDENTITY,
+  VPROXY_PKI_DIR, VPROXY_CERT, VPROXY_KEY, VPROXY_CA, VPROXY_CRL, then the client
+  configuration file (its [hosts.NAME] entry when the address is a NAME there, then its
+  [defaults]); an explicit cert beats an identity, as in the CLI.
 - Everything raised on purpose is a vproxy.errors.VproxyError: UserError (cannot
   connect, missing file), ChannelRefused (the agent's code and reason), StreamResetError,
   SessionClosed, ConsoleReadOnly, and vproxy.expect's ExpectTimeout / ExpectEOF /
@@ -54,6 +56,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple, Union
 
 from vproxy.client import connection as _client
 from vproxy.errors import ChannelRefused, SessionClosed, UserError, VproxyError
+from .credentials import resolve_credentials, resolve_target_for_api
 from .expect import AsyncExpect, Patterns, PatternLike
 from vproxy.client.forward import bridge
 from vproxy.mux import RefuseCode, ResetCode
@@ -93,53 +96,6 @@ class ConsoleReadOnly(VproxyError):
 
 class RfbError(VproxyError):
     """The VNC server said something this minimal RFB client does not handle."""
-
-
-# --------------------------------------------------------------------------- credentials
-
-
-def resolve_credentials(address: Optional[str] = None, *, cert: Optional[PathLike] = None,
-                        key: Optional[PathLike] = None, ca: Optional[PathLike] = None,
-                        crl: Optional[PathLike] = None, identity: Optional[str] = None,
-                        pki_dir: Optional[PathLike] = None) -> Dict[str, Optional[str]]:
-    """The agent address and TLS files, from the arguments, else the VPROXY_*
-    environment variables, else the PKI directory; UserError saying what is missing."""
-    env = os.environ
-    address = address or env.get("VPROXY_HOST")
-    if not address:
-        raise UserError("no agent address: pass one, or set VPROXY_HOST",
-                        hint="e.g. vproxy.api.connect('vmhost1:7443', identity='alice')")
-    cert = cert or env.get("VPROXY_CERT")
-    key = key or env.get("VPROXY_KEY")
-    ca = ca or env.get("VPROXY_CA")
-    crl = crl or env.get("VPROXY_CRL")
-    identity = identity or env.get("VPROXY_IDENTITY")
-    if pki_dir is None:
-        from vproxy.security.pki import default_pki_dir
-
-        pki_dir = default_pki_dir()
-    pki_path = Path(pki_dir).expanduser()
-    if not cert and identity:
-        cert = pki_path / "issued" / (identity + ".pem")
-        key = key or pki_path / "issued" / (identity + ".key")
-        if not Path(cert).exists():
-            raise UserError("no certificate for identity %r in %s" % (identity, pki_path / "issued"),
-                            hint="issue one with: vproxy pki issue client %s" % identity)
-    if not cert:
-        raise UserError("no client certificate: pass cert= and key=, or identity=",
-                        hint="or set VPROXY_CERT and VPROXY_KEY, or VPROXY_IDENTITY")
-    if not key:
-        raise UserError("a certificate (%s) but no key: pass key=" % cert)
-    if not ca:
-        ca = pki_path / "ca.pem"
-        if not Path(ca).exists():
-            raise UserError("no CA certificate: %s does not exist and ca= was not given" % ca,
-                            hint="pass ca='ca.pem' (the CA that signed the agent's certificate)")
-    for what, path in (("certificate", cert), ("key", key), ("CA certificate", ca), ("CRL", crl)):
-        if path and not Path(path).is_file():
-            raise UserError("%s %s: no such file" % (what, path))
-    return {"address": str(address), "cert": str(cert), "key": str(key), "ca": str(ca),
-            "crl": str(crl) if crl else None}
 
 
 # --------------------------------------------------------------------------- async API
@@ -578,11 +534,9 @@ async def connect_async(address: Optional[str] = None, *, cert: Optional[PathLik
                         pki_dir: Optional[PathLike] = None, server_name: Optional[str] = None,
                         timeout: float = _client.CONNECT_TIMEOUT) -> AsyncClient:
     """Connect to an agent over mutual TLS (see `resolve_credentials` for defaults)."""
-    c = resolve_credentials(address, cert=cert, key=key, ca=ca, crl=crl, identity=identity,
-                            pki_dir=pki_dir)
-    raw = await _client.connect(c["address"], c["cert"], c["key"], c["ca"],  # type: ignore[arg-type]
-                                c["crl"], server_name=server_name, timeout=timeout)
-    return AsyncClient(raw)
+    target = resolve_target_for_api(address, cert=cert, key=key, ca=ca, crl=crl, identity=identity,
+                                    pki_dir=pki_dir, server_name=server_name)
+    return AsyncClient(await target.connect(timeout=timeout))
 
 
 # --------------------------------------------------------------------------- sync API
