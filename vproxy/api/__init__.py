@@ -60,6 +60,7 @@ from .credentials import resolve_credentials, resolve_target_for_api
 from .expect import AsyncExpect, Patterns, PatternLike
 from vproxy.client.forward import bridge
 from vproxy.mux import RefuseCode, ResetCode
+from vproxy.net.address import format_host_port
 
 __all__ = [
     "connect",
@@ -261,8 +262,7 @@ class AsyncListener:
     @property
     def address(self) -> str:
         """HOST:PORT to connect to (a VNC viewer wants HOST::PORT)."""
-        host = self.host
-        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, self.port)
+        return format_host_port(self.host, self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
