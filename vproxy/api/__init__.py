@@ -32,8 +32,8 @@ Rules this module keeps:
   [defaults]); an explicit cert beats an identity, as in the CLI.
 - Everything raised on purpose is a vproxy.errors.VproxyError: UserError (cannot
   connect, missing file), ChannelRefused (the agent's code and reason), StreamResetError,
-  SessionClosed, ConsoleReadOnly, and vproxy.expect's ExpectTimeout / ExpectEOF /
-  LoginFailed.
+  SessionClosed, ConsoleReadOnly, and ExpectTimeout / ExpectEOF / LoginFailed (from
+  vproxy.api.expect, exported here).
 - Opening retries, for up to ``wait`` seconds, while the agent answers UNAVAILABLE or
   NO_SUCH_VM (a VM still starting); any other refusal is raised at once.
 - Input is never dropped silently: on a console opened "rw" where someone else is the
@@ -67,6 +67,9 @@ __all__ = [
     "ConsoleReadOnly",
     "RfbError",
     "resolve_credentials",
+    "ExpectTimeout",
+    "ExpectEOF",
+    "LoginFailed",
 ]
 
 #: Where each name lives. The submodules are loaded on first use (PEP 562), so that
@@ -82,6 +85,7 @@ _HOMES: Dict[str, str] = {
     "Screenshot": "rfb", "RfbError": "rfb", "encode_png": "rfb", "rfb_capture": "rfb",
     "rfb_handshake": "rfb",
     "resolve_credentials": "credentials", "PathLike": "credentials",
+    "ExpectTimeout": "expect", "ExpectEOF": "expect", "LoginFailed": "expect",
 }
 
 if TYPE_CHECKING:  # what the type checker sees; "X as X" marks a re-export outside __all__
@@ -93,6 +97,7 @@ if TYPE_CHECKING:  # what the type checker sees; "X as X" marks a re-export outs
     from .asyncapi import log as log
     from .credentials import PathLike as PathLike
     from .credentials import resolve_credentials
+    from .expect import ExpectEOF, ExpectTimeout, LoginFailed
     from .rfb import RfbError, Screenshot
     from .rfb import encode_png as encode_png
     from .rfb import rfb_capture as rfb_capture
