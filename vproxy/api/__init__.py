@@ -92,7 +92,8 @@ if TYPE_CHECKING:  # what the type checker sees; "X as X" marks a re-export outs
     from .asyncapi import DEFAULT_WAIT as DEFAULT_WAIT
     from .asyncapi import RETRY_CODES as RETRY_CODES
     from .asyncapi import WRITER_GRACE as WRITER_GRACE
-    from .asyncapi import AsyncClient, AsyncConsole, AsyncListener, AsyncStream, ConsoleReadOnly, connect_async
+    from .asyncapi import AsyncClient, AsyncConsole, AsyncListener, AsyncStream, ConsoleReadOnly
+    from .asyncapi import connect_async
     from .asyncapi import LogTarget as LogTarget
     from .asyncapi import log as log
     from .credentials import PathLike as PathLike

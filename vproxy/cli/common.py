@@ -91,7 +91,8 @@ def client_config(args: Dict[str, Optional[str]]) -> ClientConfig:
     return load_client_config(args.get("client_config"))
 
 
-def _split_by_source(args: Dict[str, Optional[str]], keys: Tuple[str, ...]) -> Tuple[Dict[str, str], Dict[str, str]]:
+def _split_by_source(args: Dict[str, Optional[str]],
+                     keys: Tuple[str, ...]) -> Tuple[Dict[str, str], Dict[str, str]]:
     """(from the environment, from the command line): click merged them, its context
     still knows which was which."""
     ctx = click.get_current_context(silent=True)
