@@ -259,6 +259,25 @@ def test_connect_takes_its_defaults_from_the_environment(lab, monkeypatch, tmp_p
         vproxy.api.connect(identity="alice")
 
 
+def test_connect_reads_the_client_config_file(lab, monkeypatch, tmp_path):
+    """As the CLI: a host named in the client config file, its certificate, and the
+    CRL of [defaults] (checked: a missing one is named)."""
+    for name in ("VPROXY_HOST", "VPROXY_IDENTITY", "VPROXY_CERT", "VPROXY_KEY", "VPROXY_CA",
+                 "VPROXY_CRL", "VPROXY_PKI_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "client.toml"
+    entry = '[hosts.lab]\naddress = "%s"\ncert = "%s"\nkey = "%s"\nca = "%s"\n' % (
+        lab.address, lab.pki.alice.cert, lab.pki.alice.key, lab.pki.ca)
+    config.write_text('[defaults]\ncrl = "%s"\n%s' % (lab.pki.crl, entry))
+    monkeypatch.setenv("VPROXY_CLIENT_CONFIG", str(config))
+    with vproxy.api.connect("lab") as client:
+        assert client.address == lab.address
+        assert {vm["vm"] for vm in client.list_vms()} == {"lin", "web1"}
+    config.write_text('[defaults]\ncrl = "%s"\n%s' % (tmp_path / "gone.pem", entry))
+    with pytest.raises(UserError, match="CRL .*gone.pem: no such file"):
+        vproxy.api.connect("lab")
+
+
 def test_the_sync_api_inside_a_running_loop_and_no_thread_left_behind(lab):
     def api_threads():
         return [t for t in threading.enumerate() if t.name == "vproxy-api"]

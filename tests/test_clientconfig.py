@@ -223,3 +223,85 @@ def test_ls_without_host_lists_every_host_of_the_file(pki, tmp_path):
             proc.terminate()
             proc.wait(15)
     assert not sock.exists()
+
+
+def test_the_api_resolves_as_the_cli_does(tmp_path, pkidir, monkeypatch):
+    """vproxy.api.connect() reads the same file with the same precedence: a host entry's
+    address, certificate and server_name, the CRL of [defaults]; the environment beats
+    the file, an argument beats the environment; a client gets no default CRL."""
+    import vproxy.api
+    from vproxy.api.credentials import resolve_target_for_api
+
+    (tmp_path / "crl.pem").write_text("crl")
+    (pkidir / "crl.pem").write_text("the PKI's own CRL: only the agent takes it by default")
+    config = write_config(tmp_path, """
+        [defaults]
+        identity = "alice"
+        pki_dir = "%s"
+        crl = "crl.pem"
+
+        [hosts.vmhost1]
+        address = "vmhost1.example:7443"
+        identity = "bob"
+        server_name = "agent.example"
+
+        [hosts.here]
+        address = "unix:/run/vproxy/agent.sock"
+    """ % pkidir)
+    for name in ("VPROXY_HOST", "VPROXY_IDENTITY", "VPROXY_CERT", "VPROXY_KEY", "VPROXY_CA",
+                 "VPROXY_CRL", "VPROXY_PKI_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VPROXY_CLIENT_CONFIG", config)
+    issued = pkidir / "issued"
+    got = vproxy.api.resolve_credentials("vmhost1")
+    assert got == {"address": "vmhost1.example:7443", "cert": str(issued / "bob.pem"),
+                   "key": str(issued / "bob.key"), "ca": str(pkidir / "ca.pem"),
+                   "crl": str(tmp_path / "crl.pem")}
+    assert resolve_target_for_api("vmhost1").server_name == "agent.example"
+    # the same answer as the command line's, for the same file
+    cli = resolve(["vmhost1", "--client-config", config])
+    assert {k: cli[k] for k in ("address", "cert", "key", "ca", "crl")} == got
+    # not a name in the file: an address, with [defaults]
+    other = vproxy.api.resolve_credentials("other.example")
+    assert other["address"] == "other.example" and other["cert"] == str(issued / "alice.pem")
+    # the environment beats the file, an argument beats the environment
+    monkeypatch.setenv("VPROXY_IDENTITY", "carol")
+    assert vproxy.api.resolve_credentials("vmhost1")["cert"] == str(issued / "carol.pem")
+    assert vproxy.api.resolve_credentials("vmhost1", identity="alice")["cert"] == str(issued / "alice.pem")
+    monkeypatch.setenv("VPROXY_HOST", "vmhost1")
+    assert vproxy.api.resolve_credentials()["address"] == "vmhost1.example:7443"
+    # no CRL set anywhere: a client checks none (PKI_DIR/crl.pem is the agent's default)
+    config = write_config(tmp_path, '[defaults]\nidentity = "alice"\npki_dir = "%s"\n' % pkidir)
+    monkeypatch.setenv("VPROXY_CLIENT_CONFIG", config)
+    assert vproxy.api.resolve_credentials("vmhost1")["crl"] is None
+    # a local-mode host: no certificate needed
+    config = write_config(tmp_path, '[hosts.here]\naddress = "unix:/run/vproxy/agent.sock"\n')
+    monkeypatch.setenv("VPROXY_CLIENT_CONFIG", config)
+    monkeypatch.delenv("VPROXY_IDENTITY")
+    assert vproxy.api.resolve_credentials("here") == {
+        "address": "unix:/run/vproxy/agent.sock", "cert": None, "key": None, "ca": None, "crl": None}
+    # a file the entry names must exist
+    config = write_config(tmp_path, '[defaults]\nidentity = "alice"\npki_dir = "%s"\ncrl = "gone.pem"\n'
+                          % pkidir)
+    monkeypatch.setenv("VPROXY_CLIENT_CONFIG", config)
+    with pytest.raises(UserError, match="CRL .*gone.pem: no such file"):
+        vproxy.api.resolve_credentials("vmhost1")
+
+
+def test_the_api_connects_in_local_mode(tmp_path):
+    """A unix:/PATH address (or a host entry that has one) needs no certificate, for the
+    API as for the CLI."""
+    import vproxy.api
+
+    sock = tmp_path / "a.sock"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    agent = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--local-socket", str(sock)],
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = agent.stderr.readline()
+        assert "listening on unix:%s" % sock in line, line
+        with vproxy.api.connect("unix:%s" % sock) as client:
+            assert client.address == "unix:%s" % sock and client.list_vms() == []
+    finally:
+        agent.terminate()
+        agent.wait(15)

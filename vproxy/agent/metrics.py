@@ -23,6 +23,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from vproxy.errors import UserError
+from vproxy.net.address import clear_stale_socket, format_sockname, parse_listen
 
 log = logging.getLogger("vproxy.metrics")
 
@@ -218,37 +219,27 @@ def _iso(t: float) -> str:
 
 def parse_metrics_address(text: str) -> Tuple[str, Any]:
     """"unix:/PATH" -> ("unix", path); "HOST:PORT", ":PORT" or "PORT" -> ("tcp", (host,
-    port)) with host loopback (127.0.0.1 when left out). UserError for anything else."""
-    import ipaddress
-
+    port)) with host loopback (127.0.0.1 when left out). UserError for anything else.
+    Parsed as any listen address (vproxy.net.address), then held to these forms."""
     text = text.strip()
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path:
-            raise UserError("--metrics unix:PATH needs a path")
-        return "unix", os.path.abspath(os.path.expanduser(path))
-    if text.isdigit():
-        host, port = "127.0.0.1", text
-    elif text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":")
-        host = host or "127.0.0.1"
-    if not port.isdigit() or int(port) > 65535:
+    if text.startswith("unix:") and not text[5:]:
+        raise UserError("--metrics unix:PATH needs a path")
+    try:
+        address = parse_listen(text)
+    except UserError:
+        address = None
+    # a bare path is a unix socket for parse_listen; --metrics wants it spelled unix:PATH
+    if address is None or (address.kind == "unix" and not text.startswith("unix:")):
         raise UserError("--metrics %r: expected HOST:PORT, PORT or unix:PATH" % text,
                         hint="e.g. --metrics 127.0.0.1:9750")
-    if host != "localhost":
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise UserError("--metrics %s: the metrics endpoint listens on loopback or a unix "
-                            "socket only (it has no authentication)" % text,
-                            hint="use 127.0.0.1:PORT or unix:PATH, and let a local "
-                                 "Prometheus agent or an SSH tunnel carry it further")
-    return "tcp", (host, int(port))
+    if address.kind == "unix":
+        return "unix", address.path
+    if not address.is_loopback:
+        raise UserError("--metrics %s: the metrics endpoint listens on loopback or a unix "
+                        "socket only (it has no authentication)" % text,
+                        hint="use 127.0.0.1:PORT or unix:PATH, and let a local "
+                             "Prometheus agent or an SSH tunnel carry it further")
+    return "tcp", (address.host, address.port)
 
 
 class MetricsServer:
@@ -268,18 +259,13 @@ class MetricsServer:
         out = []
         for sock in self._server.sockets or ():
             name = sock.getsockname()
-            if self.kind == "unix":
-                out.append("unix:%s" % name)
-            else:
-                out.append(("[%s]:%d" if ":" in name[0] else "%s:%d") % (name[0], name[1]))
+            out.append("unix:%s" % name if self.kind == "unix" else format_sockname(name))
         return out
 
     async def start(self) -> "MetricsServer":
         try:
             if self.kind == "unix":
                 path = self.where
-                from vproxy.net.address import clear_stale_socket
-
                 clear_stale_socket(path, "--metrics unix:%s" % path, "another process listens there",
                                    "stop it, or give --metrics another path")
                 self._server = await asyncio.start_unix_server(

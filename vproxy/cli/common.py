@@ -1,11 +1,14 @@
 """Options and helpers shared by the commands."""
 
-from pathlib import Path
-from typing import Callable, Dict, Optional
+from dataclasses import replace
+from typing import Callable, Dict, Optional, Tuple
 
 import click
+from click.core import ParameterSource
 
-from vproxy.errors import UserError
+from vproxy.client.config import TLS_KEYS, ClientConfig, Target, load_client_config
+from vproxy.client.credentials import resolve_target
+from vproxy.security.certfiles import Wording, certificate_files
 
 EXIT_USAGE = 2  # a user error: bad option, missing file, refused by the agent
 EXIT_UNREACHABLE = 3  # the agent could not be reached, or the session died
@@ -50,53 +53,51 @@ def tls_options(server: bool) -> Callable:
     return decorate
 
 
+#: What the command line says is missing (the flags it has); the agent's hint differs.
+CLIENT_WORDING = Wording(
+    no_certificate="no certificate given: use --identity NAME, or --cert and --key",
+    no_certificate_hint="make one with vproxy pki issue, then e.g. --identity NAME, or "
+                        "identity = \"NAME\" in ~/.config/vproxy/client.toml",
+    no_key="--cert given without --key",
+    no_ca="no CA certificate: {path} does not exist and --ca was not given",
+    no_ca_hint="give --ca FILE, or create a CA with: vproxy pki init")
+SERVER_WORDING = replace(
+    CLIENT_WORDING,
+    no_certificate_hint="make one with vproxy pki issue, then e.g. vproxy serve --identity HOST")
+
+
 def resolve_tls(args: Dict[str, Optional[str]], server: bool,
                 host: Optional[str] = None) -> Dict[str, Optional[str]]:
     """Turn the TLS options into cert/key/ca/crl paths, or a UserError saying what's missing.
 
     For a client, the client configuration file (--client-config) comes first: its
     [defaults], then the [hosts.HOST] table if `host` names one, then the environment,
-    then the flags. Use resolve_client() to also turn HOST into its address."""
+    then the flags (vproxy.client.credentials). Use resolve_client() to also turn HOST
+    into its address."""
     if not server:
-        return _client_settings(args, host)[1]
-    return _paths(args, server)
+        return resolve_client(host or "", args).tls
+    return certificate_files(args, server=True, wording=SERVER_WORDING)
 
 
-def resolve_client(host: str, args: Dict[str, Optional[str]]):
+def resolve_client(host: str, args: Dict[str, Optional[str]]) -> Target:
     """HOST (a name from the client config, HOST[:PORT], or unix:/PATH) and the TLS
     options -> a vproxy.client.config.Target; `await target.connect()` gives a Client."""
-    from vproxy.client.config import Target
+    environment, flags = _split_by_source(args, TLS_KEYS)
+    return resolve_target(host, client_config(args), environment=environment, arguments=flags,
+                          wording=CLIENT_WORDING)
 
-    address, paths, server_name = _client_settings(args, host)
-    return Target(host, address, paths, server_name)
 
-
-def client_config(args: Dict[str, Optional[str]]):
-    from vproxy.client.config import load_client_config
-
+def client_config(args: Dict[str, Optional[str]]) -> ClientConfig:
     return load_client_config(args.get("client_config"))
 
 
-def _client_settings(args: Dict[str, Optional[str]], host: Optional[str]):
-    from vproxy.client.config import TLS_KEYS, host_address, host_settings, is_local_address, layer
-
-    config = client_config(args)
-    address = host_address(config, host) if host else ""
-    if address and is_local_address(address):
-        return address, {}, None  # local mode: the agent's unix socket, no certificates
-    settings = host_settings(config, host or "")
-    env, flags = _split_by_source(args, TLS_KEYS)
-    settings = layer(layer(settings, env), flags)
-    return address, _paths(settings, server=False), settings.get("server_name")
-
-
-def _split_by_source(args: Dict[str, Optional[str]], keys) -> tuple:
+def _split_by_source(args: Dict[str, Optional[str]],
+                     keys: Tuple[str, ...]) -> Tuple[Dict[str, str], Dict[str, str]]:
     """(from the environment, from the command line): click merged them, its context
     still knows which was which."""
-    from click.core import ParameterSource
-
     ctx = click.get_current_context(silent=True)
-    env, flags = {}, {}
+    env: Dict[str, str] = {}
+    flags: Dict[str, str] = {}
     for key in keys:
         value = args.get(key)
         if not value:
@@ -104,36 +105,6 @@ def _split_by_source(args: Dict[str, Optional[str]], keys) -> tuple:
         source = ctx.get_parameter_source(key) if ctx is not None else None
         (env if source == ParameterSource.ENVIRONMENT else flags)[key] = value
     return env, flags
-
-
-def _paths(args: Dict[str, Optional[str]], server: bool) -> Dict[str, Optional[str]]:
-    from vproxy.security.pki import default_pki_dir
-
-    pki_dir = Path(args.get("pki_dir") or default_pki_dir()).expanduser()
-    cert, key, ca, crl = args.get("cert"), args.get("key"), args.get("ca"), args.get("crl")
-    identity = args.get("identity")
-    if identity:
-        cert = cert or str(pki_dir / "issued" / (identity + ".pem"))
-        key = key or str(pki_dir / "issued" / (identity + ".key"))
-        if not Path(cert).exists():
-            kind = "server" if server else "client"
-            raise UserError("no certificate for identity %r in %s" % (identity, pki_dir / "issued"),
-                            hint="issue one with: vproxy pki issue %s %s" % (kind, identity))
-    if not cert:
-        example = ("vproxy serve --identity HOST" if server else
-                   "--identity NAME, or identity = \"NAME\" in ~/.config/vproxy/client.toml")
-        raise UserError("no certificate given: use --identity NAME, or --cert and --key",
-                        hint="make one with vproxy pki issue, then e.g. %s" % example)
-    if not key:
-        raise UserError("--cert given without --key")
-    if not ca:
-        ca = str(pki_dir / "ca.pem")
-        if not Path(ca).exists():
-            raise UserError("no CA certificate: %s does not exist and --ca was not given" % ca,
-                            hint="give --ca FILE, or create a CA with: vproxy pki init")
-    if crl is None and server and (pki_dir / "crl.pem").exists() and not args.get("ca"):
-        crl = str(pki_dir / "crl.pem")  # the PKI's own CRL comes with its CA
-    return {"cert": cert, "key": key, "ca": ca, "crl": crl}
 
 
 def run_async(coro) -> int:

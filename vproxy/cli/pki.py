@@ -7,7 +7,6 @@ a UserError as "vproxy: error: ..." plus "hint: ..." with exit status 2 by itsel
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
 import os
 import shlex
 from pathlib import Path
@@ -162,7 +161,7 @@ def issue_command(kind: str, name: str, dns_names: Tuple[str, ...],
     sans = ", ".join(["DNS:%s" % d for d in dns_names] + ["IP:%s" % a for a in ip_addresses]
                      + ["URI:%s" % u for u in uris])
     if kind == "server" and not sans:
-        sans = ("IP:%s" if _looks_like_ip(name) else "DNS:%s") % name
+        sans = ("IP:%s" if _pki.looks_like_ip(name) else "DNS:%s") % name
     detail = "CN=%s%s; %s" % (name, "; " + sans if sans else "", _until(entry.not_after))
     click.echo("wrote %s certificate  %s  (%s)" % (kind, cert, detail))
     click.echo("wrote %s key          %s  (mode 0600)" % (kind, key))
@@ -174,14 +173,6 @@ def issue_command(kind: str, name: str, dns_names: Tuple[str, ...],
     else:
         click.echo("next: give %s the files %s, %s and %s (to connect to any agent of "
                    "this CA)" % (name, cert, key, ca))
-
-
-def _looks_like_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 @pki.command("revoke")

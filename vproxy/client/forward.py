@@ -29,7 +29,7 @@ from typing import Awaitable, Callable, Optional, Set
 
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserError
 from vproxy.mux import ResetCode
-from vproxy.net.address import ListenAddress, unix_listener
+from vproxy.net.address import ListenAddress, format_sockname, unix_listener
 from vproxy.net.session import Stream
 
 log = logging.getLogger("vproxy.forward")
@@ -240,7 +240,7 @@ class Forwarder:
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return ("[%s]:%d" if ":" in peer[0] else "%s:%d") % peer[:2]
+        return format_sockname(peer)
     return "a local socket"
 
 

@@ -12,7 +12,7 @@ import shutil
 from typing import List, Optional, Tuple
 
 from vproxy.errors import UserError
-from vproxy.net.address import ListenAddress
+from vproxy.net.address import ListenAddress, format_host_port
 
 VIEWERS = ("vncviewer", "remote-viewer", "gvncviewer")
 
@@ -46,7 +46,7 @@ def viewer_argument(name: str, address: ListenAddress) -> str:
     if name == "vncviewer":
         return "%s::%d" % (bracketed, address.port)
     if name == "remote-viewer":
-        return "vnc://%s:%d" % (bracketed, address.port)
+        return "vnc://%s" % format_host_port(host, address.port)
     if name == "gvncviewer":
         if ":" in host:
             raise UserError("gvncviewer cannot connect to an IPv6 address (%s)" % host,

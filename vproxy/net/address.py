@@ -64,7 +64,7 @@ class ListenAddress:
     def __str__(self) -> str:
         if self.kind == "unix":
             return "unix:%s" % self.path
-        return ("[%s]:%d" if ":" in self.host else "%s:%d") % (self.host, self.port)
+        return format_host_port(self.host, self.port)
 
     @property
     def is_loopback(self) -> bool:

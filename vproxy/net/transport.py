@@ -46,6 +46,8 @@ import ssl
 import threading
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
+from .address import format_sockname
+
 log = logging.getLogger("vproxy.transport")
 
 READ_SIZE = 256 * 1024  # bytes read from OpenSSL per readiness callback, at most
@@ -876,14 +878,14 @@ class Server:
         try:
             protocol = self._factory()
         except Exception:
-            log.exception("protocol factory failed for a connection from %s", _address(peer))
+            log.exception("protocol factory failed for a connection from %s", format_sockname(peer))
             sock.close()
             return
         TlsTransport(self._loop, sock, protocol).start()
 
     def _report(self, peer: Any, exc: BaseException) -> None:
         if self._on_handshake_error is None:
-            log.warning("TLS handshake with %s failed: %s", _address(peer), exc)
+            log.warning("TLS handshake with %s failed: %s", format_sockname(peer), exc)
             return
         try:
             self._on_handshake_error(peer, exc)
@@ -931,7 +933,7 @@ async def _listen(loop: asyncio.AbstractEventLoop, host: Optional[str], port: in
                 sock.bind(address)
             except OSError as exc:
                 raise OSError(exc.errno, "cannot listen on %s: %s"
-                              % (_address(address), exc.strerror)) from None
+                              % (format_sockname(address), exc.strerror)) from None
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
@@ -939,13 +941,6 @@ async def _listen(loop: asyncio.AbstractEventLoop, host: Optional[str], port: in
             sock.close()
         raise
     return sockets
-
-
-def _address(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
-    return str(address)
 
 
 __all__ = ["TlsTransport", "Server", "HandshakeTimeout", "create_connection", "start_server"]

@@ -407,7 +407,8 @@ def _parse_ip(text: str) -> Any:
                         hint="give host names with --dns and addresses with --ip") from None
 
 
-def _looks_like_ip(text: str) -> bool:
+def looks_like_ip(text: str) -> bool:
+    """Whether *text* is an IPv4 or IPv6 address (then a SAN is IP:, else DNS:)."""
     try:
         ipaddress.ip_address(text)
         return True
@@ -441,11 +442,11 @@ def issue(pki_dir: PathLike, name: str, kind: str,
     ips = [_parse_ip(text) for text in ip_addresses]
     dns = [str(d).strip() for d in dns_names]
     for d in dns:
-        if not d or " " in d or _looks_like_ip(d):
+        if not d or " " in d or looks_like_ip(d):
             raise UserError("%r is not a DNS name" % d,
                             hint="give host names with --dns and addresses with --ip")
     if kind == "server" and not dns and not ips:
-        if _looks_like_ip(name):
+        if looks_like_ip(name):
             ips = [ipaddress.ip_address(name)]
         else:
             dns = [name]
@@ -674,5 +675,5 @@ def find_issued(pki_dir: PathLike, name: str) -> Optional[Path]:
 __all__ = [
     "CA_CERT", "CA_KEY", "CRL", "INDEX", "ISSUED", "KINDS", "EKU_NAMES", "IssuedCert",
     "default_pki_dir", "init_ca", "issue", "revoke", "show", "list_issued", "update_crl",
-    "crl_next_update", "find_issued", "validity_text",
+    "crl_next_update", "find_issued", "validity_text", "looks_like_ip",
 ]
