@@ -1,6 +1,6 @@
 """The Python API (vproxy.api, vproxy.expect, the pytest plugin) against a real agent.
 
-The agent runs as its own process (tests/agenttools.py) over mutual TLS and serves two
+The agent runs as its own process (tests/support/agenttools.py) over mutual TLS and serves two
 real VMs: "lin", the Linux test guest (TCG; fake login, prompt "root@vproxy-guest:~# ",
 an echo loop on its virtio-serial port org.vproxy.echo0) and "web1", the boot-sector
 guest (echoes upper-cased). What the tests prove:
@@ -31,9 +31,9 @@ import time
 
 import pytest
 
-from agenttools import ENV, AgentProcess
-from guests.linux_guest import SHELL_PROMPT
-from vmtools import boot_sector_vm, linux_vm
+from support.agenttools import ENV, AgentProcess
+from support.guests.linux_guest import SHELL_PROMPT
+from support.vmtools import boot_sector_vm, linux_vm
 
 import vproxy.api
 from vproxy.errors import ChannelRefused, UserError, VproxyError

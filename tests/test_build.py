@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pyztools import REPO, build_pyz, session_pyz, snapshot_tree, zip_build_hash
+from support.pyztools import REPO, build_pyz, session_pyz, snapshot_tree, zip_build_hash
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 

@@ -30,7 +30,8 @@ import time
 import pexpect
 import pytest
 
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect, run, short_socket_path
+from support.aio import run
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect, short_socket_path
 from vproxy.client import terminal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

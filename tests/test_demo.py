@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agenttools import ENV, ROOT
+from support.agenttools import ENV, ROOT
 
 VPROXY = [sys.executable, "-m", "vproxy"]
 

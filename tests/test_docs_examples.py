@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agenttools import ENV, AgentProcess
-from vmtools import boot_sector_vm, linux_vm
+from support.agenttools import ENV, AgentProcess
+from support.vmtools import boot_sector_vm, linux_vm
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "API.md"
 PLACEHOLDER = "vmhost1:7443"

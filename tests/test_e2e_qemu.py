@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from agenttools import AgentProcess, read_until
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
+from support.agenttools import AgentProcess, read_until
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
 from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused
 from vproxy.client.forward import bridge

@@ -34,8 +34,8 @@ from typing import List, Optional, Sequence
 
 import pytest
 
-from agenttools import read_until, write_agent_config
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
+from support.agenttools import read_until, write_agent_config
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
 from vproxy.client import terminal
 from vproxy.client.connection import connect
 from vproxy.client.console import ConsoleClient, ConsoleSettings

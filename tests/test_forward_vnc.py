@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from vmtools import boot_sector_vm, linux_vm
-from vmtools import read_until as sock_read_until
+from support.vmtools import boot_sector_vm, linux_vm
+from support.vmtools import read_until as sock_read_until
 from vproxy.agent.acl import Acl
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.errors import UserError

@@ -3,15 +3,12 @@ will drive them (socketpair + send_fd_scm + getfd + chardev-change / chardev-add
 
 import asyncio
 import os
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import vmtools  # noqa: E402
-from vmtools import (  # noqa: E402
+from support import vmtools
+from support.vmtools import (
     BOOT_SECTOR_BANNER,
     boot_sector_vm,
     exchange,
@@ -21,7 +18,7 @@ from vmtools import (  # noqa: E402
     read_until,
     take_over_chardev,
 )
-from vproxy.guests import bootsector  # noqa: E402
+from vproxy.guests import bootsector
 
 needs_qemu = pytest.mark.skipif(not vmtools.qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -170,7 +167,7 @@ def test_qemu_start_failure_reports_stderr(tmp_path):
 def _linux_guest_or_skip():
     import shutil
 
-    from guests import linux_guest
+    from support.guests import linux_guest
 
     if not vmtools.qemu_available():
         pytest.skip("qemu-system-x86_64 not installed")
@@ -181,7 +178,7 @@ def _linux_guest_or_skip():
 
 
 def test_cpio_newc_layout():
-    from guests.linux_guest import _cpio_newc
+    from support.guests.linux_guest import _cpio_newc
 
     data = _cpio_newc([("init", 0o100755, b"#!/bin/sh\n", 0, 0), ("dev", 0o40755, b"", 0, 0)])
     assert data.startswith(b"070701")

@@ -17,7 +17,7 @@ import os
 import time
 
 import pytest
-from agenttools import AgentProcess
+from support.agenttools import AgentProcess
 from vproxy import mux
 from vproxy.agent.server import RELEASE_DELAY
 from vproxy.client.connection import connect

@@ -17,7 +17,8 @@ import tempfile
 
 import pytest
 
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm
+from support.aio import run
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm
 from vproxy.agent.acl import Acl, Rule
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.client.connection import Client
@@ -28,10 +29,6 @@ from vproxy.mux import OpenRequest, RefuseCode
 from vproxy.net.session import Session
 
 NOBODY = 65534
-
-
-def run(coro, timeout=60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ import pytest
 # machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
 pytestmark = pytest.mark.timeout(1200)
 
-from debian_root import ROOT_ENV, popen_in_root, root_for_test, root_tempdir, run_in_root
-from pyztools import session_pyz
+from support.debian_root import ROOT_ENV, popen_in_root, root_for_test, root_tempdir, run_in_root
+from support.pyztools import session_pyz
 from test_debian_roots import BENCH_TIMEOUT, agent, check_bench, free_port, host_env
 
 MARKER = ".vproxy-native-complete"

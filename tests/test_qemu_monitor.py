@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from memstream import open_channel, read_exactly
-from vmtools import boot_sector_vm, qemu_available
+from support.memstream import open_channel, read_exactly
+from support.vmtools import boot_sector_vm, qemu_available
 from vproxy.agent.qemu.errors import QMPCommandError, VMGone
 from vproxy.agent.qemu.monitor import MonitorOwner, VMMonitor
 from vproxy.agent.qemu.provider import QemuProvider

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from agenttools import read_until
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qemu_available
+from support.agenttools import read_until
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qemu_available
 from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import OpenRequest, RefuseCode, ResetCode
 from vproxy.agent.qemu.provider import QemuProvider
