@@ -24,7 +24,8 @@ _skipped = []
 
 def pytest_runtest_logreport(report):
     if report.skipped and not hasattr(report, "wasxfail"):
-        _skipped.append("%s: %s" % (report.nodeid, report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr))
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        _skipped.append("%s: %s" % (report.nodeid, reason))
 
 
 def pytest_sessionfinish(session, exitstatus):
