@@ -25,6 +25,8 @@ import pytest
 
 from support.pyztools import REPO, build_pyz, session_pyz, snapshot_tree, zip_build_hash
 
+pytestmark = pytest.mark.slow  # builds the .pyz
+
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

@@ -36,7 +36,7 @@ import pytest
 
 # the first test to use a Debian root builds it with debootstrap: minutes on a fresh
 # machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.debian_root, pytest.mark.slow]
 
 from support.debian_root import RootDir, popen_in_root, root_for_test, root_tempdir, run_in_root
 from support.pyztools import build_pyz, session_pyz, snapshot_tree, wheel_dir, zip_build_hash

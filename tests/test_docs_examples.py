@@ -78,6 +78,8 @@ def test_the_page_has_examples_of_everything():
         assert needle in code, "docs/API.md has no example using %s" % needle
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_every_example_in_docs_api_md_runs(lab):
     agent, work = lab
     ran = []

@@ -21,6 +21,8 @@ from vproxy.errors import ChannelRefused
 from vproxy.client.forward import bridge
 from vproxy.mux import RefuseCode
 
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 

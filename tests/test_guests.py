@@ -74,6 +74,8 @@ async def _paused_takeover_session(vm):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_boot_sector_banner_and_echo_tcg(tmp_path):
     vm = boot_sector_vm(tmp_path, vnc=True, paused=True, prefer_kvm=False)
     with vm:
@@ -123,6 +125,8 @@ async def _wait_in_echo_loop(qmp, timeout=30.0):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_boot_sector_banner_lost_before_takeover(tmp_path):
     """Without -S the banner goes to the null chardev before anyone takes over: the
     first bytes we see are our own echo. (This is why the agent must attach early.)"""
@@ -143,6 +147,9 @@ def test_boot_sector_banner_lost_before_takeover(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.kvm
+@pytest.mark.slow
 def test_boot_sector_under_kvm(tmp_path):
     if not vmtools.kvm_usable():
         pytest.skip("KVM not usable here")
@@ -153,6 +160,8 @@ def test_boot_sector_under_kvm(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_qemu_start_failure_reports_stderr(tmp_path):
     vm = vmtools.QemuVM(["-no-such-option"], workdir=tmp_path, prefer_kvm=False)
     with pytest.raises(vmtools.QemuError) as ei:
@@ -186,6 +195,8 @@ def test_cpio_newc_layout():
     assert b"init\x00" in data and b"TRAILER!!!\x00" in data
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_linux_guest_login_command_and_hotplugged_echo(tmp_path):
     linux_guest = _linux_guest_or_skip()
     import hashlib

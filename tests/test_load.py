@@ -24,6 +24,8 @@ from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused
 from vproxy.mux import RefuseCode
 
+pytestmark = pytest.mark.slow
+
 CLIENTS = 1000
 STREAMS = 10000
 WAVE = 1000

@@ -133,6 +133,8 @@ async def client_on(sock: socket.socket) -> Client:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_uids_are_allowed_and_denied_by_the_acl_on_a_real_vm(sockdir, tmp_path, caplog):
     vm = boot_sector_vm(tmp_path / "vm", name="web1")
     vm.start()

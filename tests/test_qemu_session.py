@@ -15,7 +15,8 @@ from vproxy.agent.qemu.provider import QemuProvider
 from vproxy.agent.qemu.vms import VMRegistry
 from vproxy.net.session import Session
 
-pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
+pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
+              pytest.mark.qemu, pytest.mark.slow]
 
 
 @contextlib.asynccontextmanager

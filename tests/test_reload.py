@@ -437,6 +437,8 @@ class ServeProcess:
         return self.proc.wait(timeout)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_sighup_against_a_real_vm(own_pki, tmp_path):
     """Through `vproxy serve --config` and SIGHUP, with the boot-sector guest's console:
     a rule added, a rule removed, a client revoked, a broken file: each as promised."""
@@ -508,6 +510,8 @@ def test_sighup_against_a_real_vm(own_pki, tmp_path):
     assert rc == 0
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_sighup_changes_the_vm_list(own_pki, tmp_path):
     """A VM added to the file is served after SIGHUP; a VM taken out has its streams
     reset with a reason that says so, and the other VM's streams go on."""
