@@ -31,7 +31,8 @@ import pexpect
 import pytest
 
 from support.aio import run
-from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect, short_socket_path
+from support.vmtools import (BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect,
+                             short_socket_path)
 from vproxy.client import terminal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

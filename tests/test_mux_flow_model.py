@@ -51,7 +51,9 @@ def other(side: str) -> str:
 def receive_slowly(conn: mux.Connection, data: bytes, now: float) -> List[mux.Event]:
     """`conn.receive_data(data, now)` with every frame taken by the slow path: decoded
     to a Frame and handed to `_receive_frame`, as receive_data does for every frame its
-    DATA fast path does not take. Kept in step with receive_data's own loop."""
+    DATA fast path does not take. Kept in step with receive_data's own loop (but for
+    its check of the answers queued for a peer that does not read, which the few frames
+    fed here never reach)."""
     if conn.terminated:
         return []
     conn.last_received = now
