@@ -14,7 +14,7 @@ Each round (about 4 per second):
   Linux guest would cost a 6 s boot and 256 MB): 64 KiB there and back;
 - VNC: a full-framebuffer screenshot over a new VNC stream every 5 s;
 - every 10 s a short-lived session (connect, ls, close).
-The test CA comes from tests/pkitools.py (made in a temporary directory).
+The test CA comes from tests/support/pkitools.py (made in a temporary directory).
 """
 
 import argparse
@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agenttools import AgentProcess  # noqa: E402
-from pkitools import make_pki  # noqa: E402
-from vmtools import boot_sector_vm, expected_echo  # noqa: E402
+from support.agenttools import AgentProcess  # noqa: E402
+from support.pkitools import make_pki  # noqa: E402
+from support.vmtools import boot_sector_vm, expected_echo  # noqa: E402
 from vproxy.api import rfb_capture  # noqa: E402
 from vproxy.client.connection import connect  # noqa: E402
 

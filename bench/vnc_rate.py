@@ -10,7 +10,7 @@ when it ends (or is interrupted):
 - QEMU (qemu-system-x86_64; KVM when /dev/kvm really runs guest code, else TCG) with
   the boot-sector guest (vproxy/guests/bootsector.py, a 720x400 VGA text screen), a QMP
   socket and `-vnc 127.0.0.1:N`: QEMU's own VNC server, the "direct" path;
-- a vproxy agent (`vproxy serve`, mutual TLS, a test PKI from tests/pkitools.py) that
+- a vproxy agent (`vproxy serve`, mutual TLS, a test PKI from tests/support/pkitools.py) that
   serves this VM; the "vproxy" path opens the VM's `vnc` channel through vproxy.api;
 - the throwaway sshd and `ssh -N -L` clients of bench/peers.py (OpenSSH's default
   cipher and aes128-gcm), forwarding to QEMU's VNC port; installed with apt-get as
@@ -61,9 +61,9 @@ for _where in (ROOT, ROOT / "tests", ROOT / "bench"):
         sys.path.insert(0, str(_where))
 
 import peers  # noqa: E402  (bench/peers.py: the throwaway sshd, CPU accounting)
-from agenttools import AgentProcess  # noqa: E402
-from pkitools import make_pki  # noqa: E402
-from vmtools import QEMU, accel_args, boot_sector_vm  # noqa: E402
+from support.agenttools import AgentProcess  # noqa: E402
+from support.pkitools import make_pki  # noqa: E402
+from support.vmtools import QEMU, accel_args, boot_sector_vm  # noqa: E402
 from vproxy.api import connect_async, rfb_capture, rfb_handshake  # noqa: E402
 
 VM_NAME = "bench"

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from support.aio import run
 from vproxy.security import tls
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.client.connection import connect
@@ -18,10 +19,6 @@ from vproxy.errors import ChannelRefused, UserError
 from vproxy.mux import RefuseCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def started_agent(pki, **kw):
@@ -264,7 +261,7 @@ def test_a_session_ends_when_its_client_certificate_expires(tmp_path, caplog):
     line); a session with a certificate still valid, on the same agent, lives on."""
     import time
 
-    from pkitools import issue_expiring
+    from support.pkitools import issue_expiring
     from vproxy.errors import SessionClosed
 
     ca_dir, ca, server, (bob_cert, bob_key) = _own_ca(tmp_path, "bob")
@@ -574,7 +571,7 @@ def test_a_client_ends_its_session_when_the_agents_certificate_expires(tmp_path,
     line); a session to another agent, from the same process, lives on."""
     import time
 
-    from pkitools import issue_expiring
+    from support.pkitools import issue_expiring
     from vproxy.errors import SessionClosed
 
     ca_dir, ca, lasting, (alice_cert, alice_key) = _own_ca(tmp_path, "alice")

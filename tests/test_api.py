@@ -1,6 +1,6 @@
 """The Python API (vproxy.api, vproxy.expect, the pytest plugin) against a real agent.
 
-The agent runs as its own process (tests/agenttools.py) over mutual TLS and serves two
+The agent runs as its own process (tests/support/agenttools.py) over mutual TLS and serves two
 real VMs: "lin", the Linux test guest (TCG; fake login, prompt "root@vproxy-guest:~# ",
 an echo loop on its virtio-serial port org.vproxy.echo0) and "web1", the boot-sector
 guest (echoes upper-cased). What the tests prove:
@@ -31,9 +31,9 @@ import time
 
 import pytest
 
-from agenttools import ENV, AgentProcess
-from guests.linux_guest import SHELL_PROMPT
-from vmtools import boot_sector_vm, linux_vm
+from support.agenttools import ENV, AgentProcess
+from support.guests.linux_guest import SHELL_PROMPT
+from support.vmtools import boot_sector_vm, linux_vm
 
 import vproxy.api
 from vproxy.errors import ChannelRefused, UserError, VproxyError
@@ -78,6 +78,8 @@ def lab(pki, tmp_path_factory):
 # --------------------------------------------------------------------------- the CI test
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_ci_style_login_and_command_with_the_sync_api(lab):
     """What a CI job writes: connect, console, log in, run a command, check its output."""
     with vproxy.api.connect(lab.address, cert=lab.pki.alice.cert, key=lab.pki.alice.key,
@@ -90,6 +92,8 @@ def test_ci_style_login_and_command_with_the_sync_api(lab):
         assert b"42\r\n" in console.transcript
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_the_async_api_does_the_same(lab):
     async def main():
         async with await vproxy.api.connect_async(lab.address, **lab.tls) as client:
@@ -104,6 +108,8 @@ def test_the_async_api_does_the_same(lab):
 # --------------------------------------------------------------------------- expect
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_expect_patterns_before_after_and_a_timeout_that_shows_the_output(lab):
     with lab.connect() as client, client.console("web1") as console:
         assert console.mode == "rw" and console.info["console"] == "serial0"
@@ -129,6 +135,8 @@ def test_expect_patterns_before_after_and_a_timeout_that_shows_the_output(lab):
         assert console.read(timeout=5) == b"\r\n"
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_read_only_consoles_refuse_input_and_the_writer_role_is_handed_over(lab):
     with lab.connect() as client:
         writer = client.console("web1")
@@ -163,6 +171,8 @@ def test_read_only_consoles_refuse_input_and_the_writer_role_is_handed_over(lab)
 # --------------------------------------------------------------------------- channels, VNC
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_guest_channels_static_and_hotplugged(lab):
     with lab.connect() as client:
         with client.channel("lin", "org.vproxy.echo0", wait=BOOT_TIMEOUT) as channel:
@@ -177,6 +187,8 @@ def test_guest_channels_static_and_hotplugged(lab):
             assert got == payload
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_vnc_screenshot_listener_and_raw_stream(lab, tmp_path):
     from PIL import Image
 
@@ -210,6 +222,8 @@ def test_vnc_screenshot_listener_and_raw_stream(lab, tmp_path):
 # --------------------------------------------------------------------------- errors, env
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_refusals_and_connection_errors(lab, tmp_path):
     with lab.connect() as client:
         with pytest.raises(ChannelRefused) as info:
@@ -237,6 +251,8 @@ def test_refusals_and_connection_errors(lab, tmp_path):
         vproxy.api.connect(lab.address, cert=lab.pki.revoked.cert, key=lab.pki.revoked.key, ca=lab.pki.ca)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_connect_takes_its_defaults_from_the_environment(lab, monkeypatch, tmp_path):
     for name in ("VPROXY_IDENTITY", "VPROXY_CRL", "VPROXY_PKI_DIR"):
         monkeypatch.delenv(name, raising=False)
@@ -259,6 +275,8 @@ def test_connect_takes_its_defaults_from_the_environment(lab, monkeypatch, tmp_p
         vproxy.api.connect(identity="alice")
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_connect_reads_the_client_config_file(lab, monkeypatch, tmp_path):
     """As the CLI: a host named in the client config file, its certificate, and the
     CRL of [defaults] (checked: a missing one is named)."""
@@ -278,6 +296,8 @@ def test_connect_reads_the_client_config_file(lab, monkeypatch, tmp_path):
         vproxy.api.connect("lab")
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_the_sync_api_inside_a_running_loop_and_no_thread_left_behind(lab):
     def api_threads():
         return [t for t in threading.enumerate() if t.name == "vproxy-api"]
@@ -330,6 +350,8 @@ def _plugin_args():
     return plugin_args()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_the_pytest_plugin_manages_a_console_and_keeps_its_output_on_failure(lab, tmp_path):
     (tmp_path / "test_ci.py").write_text(textwrap.dedent(PLUGIN_TESTS))
     logs = tmp_path / "logs"

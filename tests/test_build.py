@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from pyztools import REPO, build_pyz, session_pyz, snapshot_tree, zip_build_hash
+from support.pyztools import REPO, build_pyz, session_pyz, snapshot_tree, zip_build_hash
+
+pytestmark = pytest.mark.slow  # builds the .pyz
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 

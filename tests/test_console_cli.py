@@ -30,7 +30,9 @@ import time
 import pexpect
 import pytest
 
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect, run, short_socket_path
+from support.aio import run
+from support.vmtools import (BOOT_SECTOR_BANNER, boot_sector_vm, build_boot_disk, qmp_connect,
+                             short_socket_path)
 from vproxy.client import terminal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +237,8 @@ def test_bad_options_are_one_line_errors(pki):
 # ---------------------------------------------------------------- with the agent and the VM
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_attach_type_help_escape_quit_and_the_terminal_is_restored(pki, agent, tmp_path):
     cmd = " ".join([sys.executable] + console_args(pki, agent))
     child = pexpect.spawn("sh", ["-c", "stty -g; %s; echo rc=$?; stty -g" % cmd], env=ENV,
@@ -260,6 +264,8 @@ def test_attach_type_help_escape_quit_and_the_terminal_is_restored(pki, agent, t
     child.expect(pexpect.EOF)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_another_escape_character(pki, agent):
     child = spawn(pki, agent, "--escape", "^A")
     child.expect_exact("escape character is ^A (^A? for help)")
@@ -274,6 +280,8 @@ def test_another_escape_character(pki, agent):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_signals_restore_the_terminal(pki, agent, sig):
     child = spawn(pki, agent)
     tty = os.readlink("/proc/%d/fd/0" % child.pid)
@@ -297,6 +305,8 @@ def test_signals_restore_the_terminal(pki, agent, sig):
         os.close(keep)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_read_only_notice_force_takeover_and_back(pki, agent):
     first = spawn(pki, agent)  # alice, the writer
     watcher = spawn(pki, agent, "--read-only", pair=pki.bob)
@@ -326,6 +336,8 @@ def test_read_only_notice_force_takeover_and_back(pki, agent):
         assert child.exitstatus == 0
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_pipe_mode_prints_the_answer_and_exits(pki, agent):
     start = time.monotonic()
     out = subprocess.run([sys.executable] + console_args(pki, agent), input=b"hello\n",
@@ -349,6 +361,8 @@ def test_pipe_mode_prints_the_answer_and_exits(pki, agent):
     assert out.stdout == b"HELLO\n"
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_refused_exits_2_with_the_agents_reason(pki, agent):
     out = subprocess.run([sys.executable] + console_args(pki, agent, pki.bob), input="",
                          capture_output=True, text=True, env=ENV, timeout=30)
@@ -361,6 +375,8 @@ def test_refused_exits_2_with_the_agents_reason(pki, agent):
     assert out.returncode == 2 and "VM web1 has no console 'nosuch'" in out.stderr
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_reconnects_after_the_agent_is_killed_and_restarted(pki, agent):
     child = spawn(pki, agent)
     quitter = spawn(pki, agent, "--read-only")
@@ -389,6 +405,8 @@ def test_reconnects_after_the_agent_is_killed_and_restarted(pki, agent):
     assert child.exitstatus == 0
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_resumes_from_its_offset_after_the_vm_restarts(pki, agent, vm, tmp_path):
     """Output printed while the client was away is shown exactly once."""
     child = spawn(pki, agent)
@@ -418,6 +436,8 @@ def test_resumes_from_its_offset_after_the_vm_restarts(pki, agent, vm, tmp_path)
 
 
 @pytest.mark.parametrize("ring", [4096])
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_output_beyond_the_agents_history_is_reported_lost(pki, agent, vm, ring):
     """Away while more than the ring's size was printed: the client says how much was lost,
     then shows what the agent still holds and goes on."""

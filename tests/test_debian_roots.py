@@ -3,7 +3,7 @@
 3.13, the newest), each with python3 and nothing else. `vproxy pki` in these roots, and
 the arm64 roots, are tested in test_pyz_pki.py.
 
-Each host is a debootstrap'ed root (tests/debian_root.py) entered with chroot; it shares
+Each host is a debootstrap'ed root (tests/support/debian_root.py) entered with chroot; it shares
 the host's network namespace, so an agent inside listening on 127.0.0.1 is reached by a
 client outside, and the other way round.
 
@@ -36,11 +36,10 @@ import pytest
 
 # the first test to use a Debian root builds it with debootstrap: minutes on a fresh
 # machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.debian_root, pytest.mark.slow]
 
-from debian_root import RootDir, popen_in_root, root_for_test, root_tempdir, run_in_root
-from pkitools import pki  # noqa: F401  (a fixture)
-from pyztools import build_pyz, session_pyz, snapshot_tree, wheel_dir, zip_build_hash
+from support.debian_root import RootDir, popen_in_root, root_for_test, root_tempdir, run_in_root
+from support.pyztools import build_pyz, session_pyz, snapshot_tree, wheel_dir, zip_build_hash
 
 READY_TIMEOUT = 60.0  # a loaded 2-core machine, Python 3.9 compiling the pyz's sources
 BENCH_TIMEOUT = 180.0

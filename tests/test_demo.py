@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agenttools import ENV, ROOT
+from support.agenttools import ENV, ROOT
 
 VPROXY = [sys.executable, "-m", "vproxy"]
 
@@ -44,6 +44,8 @@ def _check_cleaned_up(stdout: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_demo_shows_console_and_screen_through_the_tunnel_and_cleans_up(tmp_path):
     from PIL import Image
 
@@ -82,6 +84,8 @@ def test_demo_shows_console_and_screen_through_the_tunnel_and_cleans_up(tmp_path
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_demo_keep_running_is_cleaned_up_by_a_signal(tmp_path, sig):
     shot = tmp_path / "shot.png"
     proc = subprocess.Popen(VPROXY + ["demo", "--keep-running", "--screenshot", str(shot)],

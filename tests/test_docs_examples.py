@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agenttools import ENV, AgentProcess
-from vmtools import boot_sector_vm, linux_vm
+from support.agenttools import ENV, AgentProcess
+from support.vmtools import boot_sector_vm, linux_vm
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "API.md"
 PLACEHOLDER = "vmhost1:7443"
@@ -78,6 +78,8 @@ def test_the_page_has_examples_of_everything():
         assert needle in code, "docs/API.md has no example using %s" % needle
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_every_example_in_docs_api_md_runs(lab):
     agent, work = lab
     ran = []

@@ -14,12 +14,14 @@ import time
 
 import pytest
 
-from agenttools import AgentProcess, read_until
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
+from support.agenttools import AgentProcess, read_until
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, linux_vm
 from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused
 from vproxy.client.forward import bridge
 from vproxy.mux import RefuseCode
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)

@@ -34,11 +34,13 @@ from typing import List, Optional, Sequence
 
 import pytest
 
-from agenttools import read_until, write_agent_config
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
+from support.agenttools import read_until, write_agent_config
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qmp_connect
 from vproxy.client import terminal
 from vproxy.client.connection import connect
 from vproxy.client.console import ConsoleClient, ConsoleSettings
+
+pytestmark = pytest.mark.slow  # QEMU boots, agents killed, networks cut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -230,6 +232,7 @@ def start_vm(vmdir, extra=()):
 # --------------------------------------------------------------------------- agent restart
 
 
+@pytest.mark.qemu
 def test_agent_sigkilled_and_restarted_console_taken_over_log_intact(pki, tmp_path, vmdir):
     vm = start_vm(vmdir)
     logs = tmp_path / "logs"
@@ -307,6 +310,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.qemu
 def test_client_sigkilled_mid_write_leaves_no_stale_writer(pki, tmp_path, vmdir):
     vm = start_vm(vmdir)
     agent = Agent(pki, tmp_path / "agent", "127.0.0.1:0", [("web1", vm.qmp_path)])
@@ -375,6 +379,7 @@ def test_client_sigkilled_mid_write_leaves_no_stale_writer(pki, tmp_path, vmdir)
 
 
 @pytest.mark.parametrize("how", ["qmp-stop", "sigstop"])
+@pytest.mark.qemu
 def test_qemu_paused_mid_transfer_nothing_lost(pki, tmp_path, vmdir, how):
     second_qmp = Path("/tmp") / ("vpf-%s.qmp" % secrets.token_hex(4))
     vm = start_vm(vmdir, ["-qmp", "unix:%s,server=on,wait=off" % second_qmp])
@@ -539,6 +544,7 @@ def test_network_cut_shorter_than_keepalive_session_survives(pki, tmp_path, netn
     assert not any("no answer from the peer" in l for l in agent.stderr_lines), agent.stderr_lines
 
 
+@pytest.mark.qemu
 def test_network_cut_longer_than_keepalive_peer_declared_dead_and_console_reconnects(
         pki, tmp_path, vmdir, netns):
     vm = start_vm(vmdir)
@@ -590,6 +596,7 @@ def test_network_cut_longer_than_keepalive_peer_declared_dead_and_console_reconn
 # --------------------------------------------------------------------------- disk full
 
 
+@pytest.mark.qemu
 def test_console_log_disk_full_one_error_ring_and_viewers_keep_working(pki, tmp_path, vmdir):
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from vmtools import boot_sector_vm, linux_vm
-from vmtools import read_until as sock_read_until
+from support.vmtools import boot_sector_vm, linux_vm
+from support.vmtools import read_until as sock_read_until
 from vproxy.agent.acl import Acl
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.errors import UserError
@@ -265,6 +265,8 @@ def test_refusals_before_anything_starts(tmp_path):
 
 # --------------------------------------------------------------------------- QEMU
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_forward_a_console_to_a_tcp_port(pki, tmp_path, bootvm):
     agent = Agent_(tmp_path, [("web1", bootvm.qmp_path)],
                    [{"identities": ["alice"], "vms": ["web1"], "channels": ["console"], "modes": ["rw"]}],
@@ -302,6 +304,8 @@ def test_forward_a_console_to_a_tcp_port(pki, tmp_path, bootvm):
     assert any("identity=alice vm=web1 channel=console mode=rw" in l for l in agent.audit_lines())
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_forward_a_console_to_a_unix_socket_in_local_mode(tmp_path, bootvm):
     """No certificates anywhere: the agent's local socket, our uid in the ACL."""
     agent_sock = tmp_path / "agent.sock"
@@ -336,6 +340,8 @@ def test_forward_a_console_to_a_unix_socket_in_local_mode(tmp_path, bootvm):
     assert any("identity=uid:%d(" % os.getuid() in l and "channel=console mode=rw" in l for l in audit), audit
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_forward_a_guest_channel_to_a_unix_socket(pki, tmp_path):
     """A guest-agent style exchange: JSON lines through the Linux guest's echo port."""
     vm = linux_vm(tmp_path / "vm", name="lin")
@@ -370,6 +376,8 @@ def test_forward_a_guest_channel_to_a_unix_socket(pki, tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_vnc_no_viewer_and_a_real_vnc_client(pki, tmp_path, bootvm):
     agent = Agent_(tmp_path, [("web1", bootvm.qmp_path)],
                    [{"identities": ["alice"], "channels": ["vnc"]}], pki=pki)
@@ -395,6 +403,8 @@ def test_vnc_no_viewer_and_a_real_vnc_client(pki, tmp_path, bootvm):
     assert len([l for l in agent.audit_lines() if "identity=alice vm=web1 channel=vnc" in l]) == 2
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_vnc_starts_the_viewer_and_ends_with_it(pki, tmp_path, bootvm):
     agent = Agent_(tmp_path, [("web1", bootvm.qmp_path)],
                    [{"identities": ["alice"], "channels": ["vnc"]}], pki=pki)
@@ -423,6 +433,8 @@ def test_vnc_starts_the_viewer_and_ends_with_it(pki, tmp_path, bootvm):
         agent.stop()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_vnc_of_a_vm_without_vnc_says_so(pki, tmp_path):
     vm = boot_sector_vm(tmp_path / "vm", name="novnc", vnc=False)
     vm.start()
@@ -439,6 +451,8 @@ def test_vnc_of_a_vm_without_vnc_says_so(pki, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_forward_reconnects_after_the_agent_restarts(tmp_path, bootvm):
     """The session dies with the agent; the next local connection makes a new one."""
     agent_sock = tmp_path / "agent.sock"

@@ -2,14 +2,11 @@
 each input gives events, never an exception (see fuzz/fuzz_session.py)."""
 
 import os
-import sys
 
 import pytest
+from harness import check  # fuzz/harness.py: fuzz/ is on pytest's pythonpath (pyproject.toml)
 
 FUZZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz")
-sys.path.insert(0, FUZZ)
-
-from harness import check  # noqa: E402
 
 CORPUS = os.path.join(FUZZ, "corpus", "session")
 INPUTS = sorted(os.listdir(CORPUS))

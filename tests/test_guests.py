@@ -3,15 +3,12 @@ will drive them (socketpair + send_fd_scm + getfd + chardev-change / chardev-add
 
 import asyncio
 import os
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import vmtools  # noqa: E402
-from vmtools import (  # noqa: E402
+from support import vmtools
+from support.vmtools import (
     BOOT_SECTOR_BANNER,
     boot_sector_vm,
     exchange,
@@ -21,7 +18,7 @@ from vmtools import (  # noqa: E402
     read_until,
     take_over_chardev,
 )
-from vproxy.guests import bootsector  # noqa: E402
+from vproxy.guests import bootsector
 
 needs_qemu = pytest.mark.skipif(not vmtools.qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -77,6 +74,8 @@ async def _paused_takeover_session(vm):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_boot_sector_banner_and_echo_tcg(tmp_path):
     vm = boot_sector_vm(tmp_path, vnc=True, paused=True, prefer_kvm=False)
     with vm:
@@ -126,6 +125,8 @@ async def _wait_in_echo_loop(qmp, timeout=30.0):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_boot_sector_banner_lost_before_takeover(tmp_path):
     """Without -S the banner goes to the null chardev before anyone takes over: the
     first bytes we see are our own echo. (This is why the agent must attach early.)"""
@@ -146,6 +147,9 @@ def test_boot_sector_banner_lost_before_takeover(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.kvm
+@pytest.mark.slow
 def test_boot_sector_under_kvm(tmp_path):
     if not vmtools.kvm_usable():
         pytest.skip("KVM not usable here")
@@ -156,6 +160,8 @@ def test_boot_sector_under_kvm(tmp_path):
 
 
 @needs_qemu
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_qemu_start_failure_reports_stderr(tmp_path):
     vm = vmtools.QemuVM(["-no-such-option"], workdir=tmp_path, prefer_kvm=False)
     with pytest.raises(vmtools.QemuError) as ei:
@@ -170,7 +176,7 @@ def test_qemu_start_failure_reports_stderr(tmp_path):
 def _linux_guest_or_skip():
     import shutil
 
-    from guests import linux_guest
+    from support.guests import linux_guest
 
     if not vmtools.qemu_available():
         pytest.skip("qemu-system-x86_64 not installed")
@@ -181,7 +187,7 @@ def _linux_guest_or_skip():
 
 
 def test_cpio_newc_layout():
-    from guests.linux_guest import _cpio_newc
+    from support.guests.linux_guest import _cpio_newc
 
     data = _cpio_newc([("init", 0o100755, b"#!/bin/sh\n", 0, 0), ("dev", 0o40755, b"", 0, 0)])
     assert data.startswith(b"070701")
@@ -189,6 +195,8 @@ def test_cpio_newc_layout():
     assert b"init\x00" in data and b"TRAILER!!!\x00" in data
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_linux_guest_login_command_and_hotplugged_echo(tmp_path):
     linux_guest = _linux_guest_or_skip()
     import hashlib

@@ -8,16 +8,13 @@ import ssl
 
 import pytest
 
+from support.aio import run
 from vproxy import mux
 from vproxy.security import tls
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.client.connection import connect
 from vproxy.mux import frames as fr
 from vproxy.mux import RefuseCode
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def start_agent(pki, **mux_options):

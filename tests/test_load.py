@@ -17,12 +17,14 @@ import os
 import time
 
 import pytest
-from agenttools import AgentProcess
+from support.agenttools import AgentProcess
 from vproxy import mux
 from vproxy.agent.server import RELEASE_DELAY
 from vproxy.client.connection import connect
 from vproxy.errors import ChannelRefused
 from vproxy.mux import RefuseCode
+
+pytestmark = pytest.mark.slow
 
 CLIENTS = 1000
 STREAMS = 10000

@@ -17,7 +17,8 @@ import tempfile
 
 import pytest
 
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm
+from support.aio import run
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm
 from vproxy.agent.acl import Acl, Rule
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.client.connection import Client
@@ -28,10 +29,6 @@ from vproxy.mux import OpenRequest, RefuseCode
 from vproxy.net.session import Session
 
 NOBODY = 65534
-
-
-def run(coro, timeout=60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.fixture
@@ -136,6 +133,8 @@ async def client_on(sock: socket.socket) -> Client:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_uids_are_allowed_and_denied_by_the_acl_on_a_real_vm(sockdir, tmp_path, caplog):
     vm = boot_sector_vm(tmp_path / "vm", name="web1")
     vm.start()

@@ -7,7 +7,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from vproxy import mux
 from vproxy.mux import frames as fr
-from muxpair import Pair
+from support.muxpair import Pair
 from test_mux_frames import any_frame
 
 

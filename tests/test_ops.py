@@ -415,9 +415,11 @@ def test_metrics_refuses_to_replace_a_file_that_is_not_a_socket(pki, tmp_path):
     assert precious.read_text() == "keep me"
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_qmp_reconnects_are_counted(pki, tmp_path):
     """A real QEMU killed and started again on the same QMP socket: one reconnect."""
-    from vmtools import boot_sector_vm
+    from support.vmtools import boot_sector_vm
 
     vm = boot_sector_vm(tmp_path / "vm", name="web1", vnc=False)
     vm.start()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pkitools import handshake, pki  # noqa: F401  (pki is a fixture)
+from support.pkitools import handshake
 from vproxy.security import pki as vpki
 from vproxy.security import tls
 from vproxy.cli.pki import pki as pki_group
@@ -313,7 +313,7 @@ def test_show_valid_server(ca):
     assert "revoked      no" in text
 
 
-def test_show_expired_not_yet_valid_revoked_and_ca(pki):  # noqa: F811
+def test_show_expired_not_yet_valid_revoked_and_ca(pki):
     assert "(expired)" in vpki.show(pki.expired.cert)
     assert "(not yet valid)" in vpki.show(pki.not_yet_valid.cert)
     text = vpki.show(pki.revoked.cert, pki_dir=pki.dir)
@@ -360,7 +360,7 @@ def test_default_pki_dir(monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- the fixture
 
-def test_fixture_certificates_are_what_they_say(pki):  # noqa: F811
+def test_fixture_certificates_are_what_they_say(pki):
     now = dt.datetime.now(UTC)
     assert load(pki.expired.cert).not_valid_after_utc < now
     assert load(pki.not_yet_valid.cert).not_valid_before_utc > now

@@ -33,10 +33,10 @@ import pytest
 
 # the first test to use a Debian root builds it with debootstrap: minutes on a fresh
 # machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
 
-from debian_root import ROOT_ENV, popen_in_root, root_for_test, root_tempdir, run_in_root
-from pyztools import session_pyz
+from support.debian_root import ROOT_ENV, popen_in_root, root_for_test, root_tempdir, run_in_root
+from support.pyztools import session_pyz
 from test_debian_roots import BENCH_TIMEOUT, agent, check_bench, free_port, host_env
 
 MARKER = ".vproxy-native-complete"
@@ -161,6 +161,7 @@ def root(request) -> Path:
     return root_for_test(request.param)
 
 
+@pytest.mark.debian_root
 def test_pki_in_bare_root_then_bench(root):
     with root_tempdir(root) as d:
         pyz = d.put(session_pyz())
@@ -217,6 +218,7 @@ def arm64_root(request) -> Tuple[Path, str]:
 
 
 @pytest.mark.timeout(3000)  # each: building an emulated root takes 5 to 15 minutes
+@pytest.mark.debian_root
 def test_arm64_version_and_pki(arm64_root):
     """The same .pyz on that Debian's aarch64 Python (under qemu-user: slow, so just
     --version, then pki init, which unpacks the aarch64 set for that Python, and issue)."""

@@ -3,7 +3,7 @@
 The plumbing (takeover, hotplug and removal, BUSY, refusals) is checked on the small
 boot-sector VM with a virtio-serial controller (its guest has no virtio driver, which
 QEMU does not mind). Data, VSERPORT_CHANGE and a guest going away are checked on the
-Linux guest (tests/guests/linux_guest.py), whose ports named org.vproxy.echo* run an
+Linux guest (tests/support/guests/linux_guest.py), whose ports named org.vproxy.echo* run an
 echo program.
 """
 
@@ -15,14 +15,15 @@ import time
 
 import pytest
 
-from memstream import open_channel, read_exactly, read_until
-from vmtools import boot_sector_vm, qemu_available
+from support.memstream import open_channel, read_exactly, read_until
+from support.vmtools import boot_sector_vm, qemu_available
 from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
 from vproxy.agent.qemu.provider import QemuProvider
 from vproxy.agent.qemu.vms import VMRegistry
 
-pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
+pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
+              pytest.mark.qemu, pytest.mark.slow]
 
 
 @contextlib.asynccontextmanager
@@ -157,22 +158,22 @@ def test_refusals(tmp_path):
 
 def _linux_guest_available():
     try:
-        from guests import linux_guest  # noqa: F401
+        from support.guests import linux_guest  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 linux = pytest.mark.skipif(not _linux_guest_available(),
-                           reason="tests/guests/linux_guest.py not available yet")
+                           reason="tests/support/guests/linux_guest.py not available yet")
 
 
 def boot_linux(tmp_path, name="lin"):
     """Start the Linux guest and wait until it says its echo ports run. (Watches the
     console with a takeover of its own, as the agent would; the agent later re-attaches
     it with add_client.)"""
-    from guests.linux_guest import READY_MARKER
-    from vmtools import linux_vm, qmp_connect, read_until, take_over_chardev
+    from support.guests.linux_guest import READY_MARKER
+    from support.vmtools import linux_vm, qmp_connect, read_until, take_over_chardev
 
     vm = linux_vm(tmp_path, name=name)
     vm.start()
@@ -297,7 +298,7 @@ async def login(con, login_prompt, shell_prompt):
 def test_linux_guest_open_close_notices(linux_vm):
     """The guest opens and closes a hotplugged port from its shell (driven through the
     console): the holder gets guest-open, the data, guest-close."""
-    from guests.linux_guest import LOGIN_PROMPT, SHELL_PROMPT
+    from support.guests.linux_guest import LOGIN_PROMPT, SHELL_PROMPT
 
     async def main():
         async with agent(linux_vm) as (provider, registry):

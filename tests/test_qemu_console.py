@@ -1,7 +1,7 @@
 """Managed serial consoles against a real QEMU running the boot-sector echo guest.
 
 Each test wires a VMRegistry and a QemuProvider (the agent's QEMU side) to in-memory
-streams (tests/memstream.py), so what is proved is the console logic itself: takeover,
+streams (tests/support/memstream.py), so what is proved is the console logic itself: takeover,
 ring, offsets, writer arbitration, slow viewers, QEMU going away and coming back.
 """
 
@@ -13,14 +13,15 @@ import time
 
 import pytest
 
-from memstream import open_channel, read_exactly, read_until
-from vmtools import BOOT_SECTOR_BANNER, QemuVM, boot_sector_vm, expected_echo, qemu_available
+from support.memstream import open_channel, read_exactly, read_until
+from support.vmtools import BOOT_SECTOR_BANNER, QemuVM, boot_sector_vm, expected_echo, qemu_available
 from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
 from vproxy.agent.qemu.provider import QemuProvider
 from vproxy.agent.qemu.vms import VMRegistry
 
-pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
+pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
+              pytest.mark.qemu, pytest.mark.slow]
 
 BANNER = BOOT_SECTOR_BANNER
 
@@ -555,7 +556,7 @@ def test_resume_prelaunch_leaves_paused_and_inmigrate_alone(tmp_path, caplog, ho
     try:
         async def main():
             if how == "paused":
-                from vmtools import qmp_connect
+                from support.vmtools import qmp_connect
 
                 qmp = await qmp_connect(v)
                 await qmp.execute("cont")

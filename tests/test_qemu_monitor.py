@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from memstream import open_channel, read_exactly
-from vmtools import boot_sector_vm, qemu_available
+from support.memstream import open_channel, read_exactly
+from support.vmtools import boot_sector_vm, qemu_available
 from vproxy.agent.qemu.errors import QMPCommandError, VMGone
 from vproxy.agent.qemu.monitor import MonitorOwner, VMMonitor
 from vproxy.agent.qemu.provider import QemuProvider
@@ -35,6 +35,8 @@ class Recorder(MonitorOwner):
         self.log.append(reason)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_commands_state_events(tmp_path):
     vm = boot_sector_vm(tmp_path, vnc=False, name="m1", paused=True).start()
     try:
@@ -81,6 +83,8 @@ def test_commands_state_events(tmp_path):
         vm.terminate()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_shutdown_reason(tmp_path):
     vm = boot_sector_vm(tmp_path, vnc=False, name="m2").start()
     try:
@@ -132,6 +136,8 @@ def test_busy_socket_reported():
         os.rmdir(d)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_concurrent_fd_passing(tmp_path):
     """16 VNC connections opened at once: fds go to QEMU one at a time (fd_lock), so
     none is lost and every one speaks RFB."""
@@ -160,6 +166,8 @@ def test_concurrent_fd_passing(tmp_path):
         vm.terminate()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_reconfigure(tmp_path):
     """Configured VMs can change at run time (reload): a removed VM's streams are reset
     with the reason, an added one is served."""

@@ -7,15 +7,16 @@ import socket
 
 import pytest
 
-from agenttools import read_until
-from vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qemu_available
+from support.agenttools import read_until
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, expected_echo, qemu_available
 from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import OpenRequest, RefuseCode, ResetCode
 from vproxy.agent.qemu.provider import QemuProvider
 from vproxy.agent.qemu.vms import VMRegistry
 from vproxy.net.session import Session
 
-pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
+pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
+              pytest.mark.qemu, pytest.mark.slow]
 
 
 @contextlib.asynccontextmanager

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from memstream import open_channel, read_exactly
-from vmtools import QemuVM, boot_sector_vm, qemu_available
+from support.memstream import open_channel, read_exactly
+from support.vmtools import QemuVM, boot_sector_vm, qemu_available
 from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
 from vproxy.agent.qemu.provider import QemuProvider
@@ -99,6 +99,8 @@ def test_shared_flag_filter():
     assert f.feed(b"GET / HTTP/1.1\r\n\x00") == b"GET / HTTP/1.1\r\n\x00"
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_rfb_handshake_and_two_viewers(tmp_path):
     """RFB through the channel with -vnc none (no listener at all); a second viewer
     asking for exclusive access does not kick the first."""
@@ -144,6 +146,8 @@ async def _drain(s):
             return b""
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_no_vnc_refused(tmp_path):
     """Without -vnc QEMU would swallow the fd silently: refused before, saying what to do."""
     vm = boot_sector_vm(tmp_path, vnc=False, name="web1").start()
@@ -166,6 +170,8 @@ def test_no_vnc_refused(tmp_path):
         vm.terminate()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_vnc_with_listener(tmp_path):
     """-vnc with a listening socket of its own works the same way."""
     vm = boot_sector_vm(tmp_path, vnc=False, name="lis",
@@ -183,6 +189,8 @@ def test_vnc_with_listener(tmp_path):
         vm.terminate()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_vnc_qemu_killed(tmp_path):
     vm = boot_sector_vm(tmp_path, vnc=True, name="web1").start()
     try:

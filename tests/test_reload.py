@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import pytest
 
-from agenttools import read_until, write_agent_config
+from support.aio import run
+from support.agenttools import read_until, write_agent_config
 
 from vproxy.security import crl as crlmod
 from vproxy.security import pki as vpki
@@ -35,10 +36,6 @@ from vproxy.agent.reload import ACL_REVOKED, Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
-
-
-def run(coro, timeout=60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 # --------------------------------------------------------------------------- a PKI to change
@@ -440,10 +437,12 @@ class ServeProcess:
         return self.proc.wait(timeout)
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_sighup_against_a_real_vm(own_pki, tmp_path):
     """Through `vproxy serve --config` and SIGHUP, with the boot-sector guest's console:
     a rule added, a rule removed, a client revoked, a broken file: each as promised."""
-    from vmtools import boot_sector_vm
+    from support.vmtools import boot_sector_vm
 
     vm = boot_sector_vm(tmp_path / "vm", name="web1")
     vm.start()
@@ -511,10 +510,12 @@ def test_sighup_against_a_real_vm(own_pki, tmp_path):
     assert rc == 0
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_sighup_changes_the_vm_list(own_pki, tmp_path):
     """A VM added to the file is served after SIGHUP; a VM taken out has its streams
     reset with a reason that says so, and the other VM's streams go on."""
-    from vmtools import boot_sector_vm
+    from support.vmtools import boot_sector_vm
 
     web1 = boot_sector_vm(tmp_path / "web1", name="web1", vnc=False)
     web2 = boot_sector_vm(tmp_path / "web2", name="web2", vnc=False)

@@ -13,11 +13,8 @@ from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
 from vproxy.mux import OpenRequest, Priority
 from vproxy.mux import frames as fr
 from vproxy.net.session import Session
-from sessiontools import TRANSPORTS, echo_handler, session_pair
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+from support.aio import run
+from support.sessiontools import TRANSPORTS, echo_handler, session_pair
 
 
 def req(channel="echo"):

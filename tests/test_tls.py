@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pkitools import handshake, pki  # noqa: F401  (pki is a fixture)
+from support.pkitools import handshake
 from vproxy.security import tls
 from vproxy.errors import UserError, VproxyError
 

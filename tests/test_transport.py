@@ -11,26 +11,17 @@ import hashlib
 import os
 import socket
 import ssl
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pkitools import pki  # noqa: E402,F401  (pki is a fixture)
-
-from vproxy.net import transport  # noqa: E402
-from vproxy.security.tls import describe_tls_error  # noqa: E402
+from support.aio import run
+from vproxy.net import transport
+from vproxy.security.tls import describe_tls_error
 
 MiB = 1024 * 1024
-
-
-def run(coro, timeout: float = 60.0):
-    """Run a test coroutine on a fresh loop, bounded so that a hang fails the test."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 class Recorder(asyncio.Protocol):

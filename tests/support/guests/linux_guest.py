@@ -33,7 +33,7 @@ first use and caching them:
       terminal (Ctrl-C works) and ``PS1='root@vproxy-guest:~# '``; ``exit`` gives the
       login prompt again.
 
-Boot it with `tests.vmtools.linux_vm` (TCG: the Debian kernel hangs early under KVM on
+Boot it with `support.vmtools.linux_vm` (TCG: the Debian kernel hangs early under KVM on
 these machines) and kernel command line `KERNEL_CMDLINE`.
 
 The cache dir defaults to ``$VPROXY_TEST_CACHE`` or ``~/.cache/vproxy-tests``; the
@@ -90,7 +90,7 @@ class GuestBuildError(RuntimeError):
 
 
 _INIT = r"""#!/bin/busybox sh
-# /init of the vproxy test guest (tests/guests/linux_guest.py)
+# /init of the vproxy test guest (tests/support/guests/linux_guest.py)
 /bin/busybox --install -s /bin
 export PATH=/bin
 mkdir -p /proc /sys /dev /run /tmp /root

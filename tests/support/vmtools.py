@@ -22,18 +22,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # so that `vproxy.guests` imports from a plain checkout
-    sys.path.insert(0, str(REPO))
-
-from vproxy.guests.bootsector import BANNER as BOOT_SECTOR_BANNER  # noqa: E402
-from vproxy.guests.bootsector import build_boot_disk, expected_echo  # noqa: E402
+from vproxy.guests.bootsector import BANNER as BOOT_SECTOR_BANNER
+from vproxy.guests.bootsector import build_boot_disk, expected_echo
 
 __all__ = [
     "QEMU",
@@ -54,7 +49,6 @@ __all__ = [
     "read_until",
     "wait_event",
     "exchange",
-    "run",
 ]
 
 QEMU = os.environ.get("VPROXY_TEST_QEMU", "qemu-system-x86_64")
@@ -343,14 +337,14 @@ def linux_vm(
     echo_ports: Sequence[str] = ("org.vproxy.echo0",),
 ) -> QemuVM:
     """A not-yet-started VM running the Debian-kernel + busybox Linux guest (see
-    tests/guests/linux_guest.py) under TCG: the Debian kernel hangs under KVM on these
+    tests/support/guests/linux_guest.py) under TCG: the Debian kernel hangs under KVM on these
     machines. ``-machine pc -m 256 -no-reboot``, ``-device virtio-serial``, COM1 on
     chardev ``serial0`` (null until taken over) and, for each name in *echo_ports*, a
     boot-time port with a null chardev ``-chardev null,id=ch-echoN -device
     virtserialport,chardev=ch-echoN,name=NAME,id=echoN`` (N = its index), which the
     guest opens and echoes on once the host side is attached (chardev-change while the
     VM runs). Hotplugged ports named org.vproxy.echo* echo too."""
-    from guests.linux_guest import KERNEL_CMDLINE, build_linux_guest
+    from support.guests.linux_guest import KERNEL_CMDLINE, build_linux_guest
 
     kernel, initrd = build_linux_guest(cache_dir)
     cmdline = KERNEL_CMDLINE + ((" " + append) if append else "")
@@ -514,10 +508,6 @@ def exchange(sock: socket.socket, data: bytes, expect_len: int, timeout: float =
     if err:
         raise err[0]
     return bytes(got)
-
-
-def run(coro):  # small sugar for sync tests
-    return asyncio.run(coro)
 
 
 def timed(fn, *a, **kw) -> Tuple[object, float]:

@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUILD_PY = REPO / "build.py"
 
 __all__ = ["REPO", "BUILD_PY", "wheel_dir", "build_pyz", "session_pyz", "zip_build_hash",

@@ -1,14 +1,14 @@
 """A complete test PKI: a CA, a server, good clients and every kind of bad client.
 
-    from pkitools import pki                # in conftest.py: the session-scoped fixture
-    def test_x(pki):
+    def test_x(pki):                        # the session-wide fixture, from tests/conftest.py
         ctx = pki.server_context()          # server "localhost" / 127.0.0.1, CA + CRL
         cctx = pki.client_context(pki.alice)
         server, client = handshake(ctx, cctx)   # a real TLS connection on 127.0.0.1
         assert server.identity.common_name == "alice"
 
-Everything is issued with vproxy.pki (so the fixture also exercises it), except the
-self-signed certificate, which no CA would issue.
+`make_pki(directory)` makes one (tests/conftest.py's `pki` fixture makes one per
+session; bench/ makes its own). Everything is issued with vproxy.pki (so the fixture
+also exercises it), except the self-signed certificate, which no CA would issue.
 """
 
 from __future__ import annotations
@@ -16,20 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Tuple
 
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # so that `vproxy` imports from a plain checkout
-    sys.path.insert(0, str(REPO))
-
-from vproxy.security import pki as vpki  # noqa: E402
-from vproxy.security import tls  # noqa: E402
+from vproxy.security import pki as vpki
+from vproxy.security import tls
 
 
 class CertPair(NamedTuple):
@@ -237,9 +230,3 @@ def make_pki(tmp_path: Path) -> TestPki:
         expired=expired, not_yet_valid=not_yet_valid, revoked=revoked,
         wrong_eku=wrong_eku, self_signed=self_signed,
     )
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory) -> TestPki:
-    """The test PKI, made once per session. Do not modify its files."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
