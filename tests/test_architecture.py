@@ -167,8 +167,8 @@ def _unexplained_lazy_imports(path: Path) -> List[str]:
 
 
 def _explained(lines: List[str], i: int) -> bool:
-    """"lazy" or "optional" in a comment on the import, or in the comment lines or
-    imports just above it."""
+    """"lazy" or "optional" in a comment on the import, or in the comment lines,
+    imports or `try:` just above it."""
     if _says_why(lines[i]):
         return True
     j = i - 1
@@ -177,6 +177,8 @@ def _explained(lines: List[str], i: int) -> bool:
         if text.startswith("#"):
             if _says_why(text):
                 return True
+        elif text == "try:":
+            pass  # the comment may stand above the try of an optional import
         elif not (text.startswith("import ") or text.startswith("from ")):
             return False
         elif _says_why(text):

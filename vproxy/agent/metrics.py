@@ -22,7 +22,9 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
+from vproxy import __version__
 from vproxy.errors import UserError
+from vproxy.mux import RefuseCode
 from vproxy.net.address import clear_stale_socket, format_sockname, parse_listen
 
 log = logging.getLogger("vproxy.metrics")
@@ -178,10 +180,8 @@ class Metrics:
 
 
 def build_info() -> Dict[str, str]:
-    from vproxy import __version__
-
     try:
-        from vproxy._build import BUILD_HASH  # type: ignore[import]  # written by build.py
+        from vproxy._build import BUILD_HASH  # optional: written into the .pyz by build.py
     except ImportError:
         BUILD_HASH = "dev"
     return {"version": __version__, "build": BUILD_HASH[:12],
@@ -189,8 +189,6 @@ def build_info() -> Dict[str, str]:
 
 
 def _refuse_name(code: int) -> str:
-    from vproxy.mux import RefuseCode
-
     try:
         return RefuseCode(code).name
     except ValueError:

@@ -173,6 +173,7 @@ async def _apply_vms(agent: "Agent", vms: List[Tuple[str, str]], outcome: Outcom
         if not vms or "vm" in agent.providers:
             agent.config.vms = list(vms)
             return  # no QEMU layer (or a provider of the caller's own): nothing to do
+        # lazy: qemu.qmp only when the agent serves VMs
         from vproxy.agent.qemu.provider import QemuProvider
         from vproxy.agent.qemu.vms import VMRegistry
 

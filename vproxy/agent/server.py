@@ -6,6 +6,7 @@ line: identity, VM, channel, mode, result, bytes each way, duration.
 """
 
 import asyncio
+import json
 import logging
 import socket
 import ssl
@@ -17,10 +18,13 @@ from . import memory
 from vproxy import mux
 from vproxy.security import tls
 from vproxy.net import transport
+from . import reload as reloading
 from .acl import BUILTIN_POLICIES
-from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
+from .builtin import NAMES, BuiltinProvider
+from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserError
 from .channels import Channel, ChannelProvider, Listener, PeerIdentity
-from .metrics import Metrics
+from .metrics import Metrics, MetricsServer
+from .reload import stale_session_reason
 from vproxy.mux import OpenRequest, RefuseCode
 from vproxy.net.address import format_sockname
 from vproxy.net.session import Stream
@@ -29,7 +33,6 @@ from .session import AgentSession
 from .local import start_local_server
 
 if TYPE_CHECKING:  # imported when needed: an agent without VMs loads no QEMU code
-    from .metrics import MetricsServer
     from .qemu.vms import VMRegistry
 
 log = logging.getLogger("vproxy.agent")
@@ -73,8 +76,6 @@ class Agent:
             raise ValueError("builtin_channels must be one of %s, not %r"
                              % (", ".join(BUILTIN_POLICIES), config.builtin_channels))
         self.config = config
-        from .builtin import BuiltinProvider
-
         self.providers: Dict[str, ChannelProvider] = {"": BuiltinProvider()}
         self.providers.update(providers or {})
         self.acl = acl
@@ -128,6 +129,7 @@ class Agent:
         if c.cert or not c.local_socket:  # local mode alone needs no certificate
             self._ssl = tls.server_context(c.cert, c.key, c.ca, c.crl)
         if (c.vms or c.vm_dir) and "vm" not in self.providers:
+            # lazy: qemu.qmp only when the agent serves VMs
             from vproxy.agent.qemu.provider import QemuProvider
             from vproxy.agent.qemu.vms import VMRegistry
 
@@ -147,8 +149,6 @@ class Agent:
             self._servers.append(await start_local_server(self, c.local_socket))
         self.metrics.watch_vms(self.registry)
         if c.metrics:
-            from .metrics import MetricsServer
-
             self.metrics_server = await MetricsServer(self, c.metrics).start()
 
     def idle(self) -> None:
@@ -170,8 +170,6 @@ class Agent:
         """A handshake that began before a reload finished with the old SSLContext:
         raise TlsError if the reloaded CA or CRL would have refused it."""
         if self._trust is not None and ssl_object.context is not self._ssl:
-            from .reload import stale_session_reason
-
             why = stale_session_reason(ssl_object, self._trust)
             if why is not None:
                 raise tls.TlsError(why)
@@ -180,9 +178,6 @@ class Agent:
         """Apply new settings (a vproxy.agent.reload.Settings, or a callable returning one)
         without dropping sessions that are still allowed. Raises UserError and keeps
         the previous settings if anything is wrong; returns a vproxy.agent.reload.Outcome."""
-        from . import reload as reloading
-        from vproxy.errors import UserError
-
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
@@ -288,8 +283,6 @@ class Agent:
         """builtin_channels: raise ChannelRefused(FORBIDDEN) if `identity` may not open
         the built-in channel of `request` (names that are no built-in channel pass: the
         provider says there is no such channel)."""
-        from .builtin import NAMES
-
         policy = self.config.builtin_channels
         if policy == "everyone" or request.channel not in NAMES:
             return
@@ -326,8 +319,6 @@ class ListingChannel:
         self.info = {"format": "json"}
 
     async def run(self, stream: Stream) -> None:
-        import json
-
         await stream.write(json.dumps({"vms": self.vms}).encode())
         await stream.close()
 

@@ -80,7 +80,7 @@ class _Managed:
         self.consoles: List[Any] = []
 
     def save(self, nodeid: str) -> List[Dict[str, str]]:
-        from .expect import describe_output
+        from .expect import describe_output  # lazy: pytest loads this plugin in every run
 
         out = []
         for console in self.consoles:
@@ -123,7 +123,7 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def vproxy_client(pytestconfig: Any) -> Any:
         """A vproxy.api.Client connected to --vproxy-host for the whole session."""
-        from vproxy import api
+        from vproxy import api  # lazy: pytest loads this plugin in every run
 
         host = setting(pytestconfig, "host")
         if not host:

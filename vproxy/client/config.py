@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from vproxy.errors import UserError
+from vproxy.tomlfile import load_toml
 
 TLS_KEYS = ("identity", "cert", "key", "ca", "crl", "pki_dir")
 PATH_KEYS = ("cert", "key", "ca", "crl", "pki_dir")
@@ -87,8 +88,6 @@ def _settings(table: Mapping[str, Any], known: tuple, where: str, base: str) -> 
 
 def load_client_config(path: Optional[str] = None) -> ClientConfig:
     """The file given (it must exist), else the default one if it exists, else empty."""
-    from vproxy.tomlfile import load_toml
-
     if path:
         if not os.path.exists(path):
             raise UserError("client config file %s does not exist" % path,
@@ -143,10 +142,10 @@ class Target:
     async def connect(self, **kw: Any):
         """A vproxy.client.Client for this agent."""
         if self.local:
-            from .local import connect_local
+            from .local import connect_local  # lazy: asyncio and ssl only to connect
 
             return await connect_local(local_path(self.address), **kw)
-        from .connection import connect
+        from .connection import connect  # lazy: asyncio and ssl only to connect
 
         return await connect(self.address, server_name=self.server_name, **self.tls, **kw)
 

@@ -22,6 +22,7 @@ from vproxy import mux
 from . import tcpinfo
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
 from vproxy.mux import OpenRequest, Priority, ResetCode
+from vproxy.security.tls import describe_tls_error
 
 log = logging.getLogger("vproxy.session")
 
@@ -387,8 +388,6 @@ class Session(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if exc is not None:
-            from vproxy.security.tls import describe_tls_error
-
             self._lost("connection lost: %s" % describe_tls_error(exc))
         else:
             self._lost(self.close_reason or "the connection was closed")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from vproxy.errors import UserError
+from vproxy.security.native import ensure_cryptography
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -85,8 +86,8 @@ class IssuedCert:
 
 def _crypto() -> Any:
     """Import cryptography's pieces, or say clearly what is missing."""
-    from vproxy.security.native import ensure_cryptography
     ensure_cryptography()  # in the .pyz: unpacks the bundled wheels on first use
+    # lazy: cryptography is heavy, and in the .pyz it exists only after ensure_cryptography()
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
