@@ -176,7 +176,7 @@ def tree_cpu() -> float:
             stats[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
     me = os.getpid()
     total = 0
-    for pid, (ppid, ticks) in stats.items():
+    for pid, (_ppid, ticks) in stats.items():
         seen = set()
         while pid not in seen and pid in stats:
             seen.add(pid)
@@ -650,7 +650,8 @@ def main() -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     parser.add_argument("--idle-streams", type=int, default=10000)
     parser.add_argument("--concurrent", type=int, default=1000)
-    parser.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable,
+    parser.add_argument("--python",
+                        default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable,
                         help="interpreter for the start-up figures (default: the system python3)")
     parser.add_argument("--no-startup", action="store_true")
     parser.add_argument("--json", metavar="FILE", help="also write the raw figures here")

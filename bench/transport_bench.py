@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vproxy.security import tls
 from vproxy.net import transport  # noqa: E402
+from vproxy.security import tls  # noqa: E402
 
 BLOCKING = "blocking SSLSocket"
 SESSION = "vproxy session"  # one mux stream on a Session over vproxy.net.transport

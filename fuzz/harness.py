@@ -16,7 +16,8 @@ def check(data: bytes) -> None:
         for chunk in (data[:cut], data[cut:]):
             for event in conn.receive_data(chunk, 0.0):
                 assert isinstance(event, mux.Event)
-                if isinstance(event, mux.StreamOpened) and conn.stream_state(event.stream_id) == mux.StreamState.PENDING:
+                if (isinstance(event, mux.StreamOpened)
+                        and conn.stream_state(event.stream_id) == mux.StreamState.PENDING):
                     conn.accept(event.stream_id, {"k": "v"})
                     conn.send_data(event.stream_id, b"hello", end_stream=bool(len(data) % 2))
             out = conn.data_to_send()

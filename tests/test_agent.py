@@ -187,7 +187,7 @@ def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
             agent = await started_agent(pki, vms=[("web1", str(tmp_path / "none.qmp"))],
                                         vm_dir=str(tmp_path / "q"), **kw)
             try:
-                await agent.reload(lambda: Settings(
+                await agent.reload(lambda agent=agent: Settings(
                     cert=pki.server.cert, key=pki.server.key, ca=pki.ca, crl=pki.crl,
                     acl=agent.acl, vms=[("web1", str(tmp_path / "none.qmp")),
                                         ("web2", str(tmp_path / "none2.qmp"))]))
@@ -199,7 +199,7 @@ def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
             agent = await started_agent(pki, **kw)
             try:
                 assert agent.registry is None
-                await agent.reload(lambda: Settings(
+                await agent.reload(lambda agent=agent: Settings(
                     cert=pki.server.cert, key=pki.server.key, ca=pki.ca, crl=pki.crl,
                     acl=agent.acl, vms=[("web3", str(tmp_path / "none3.qmp"))]))
                 assert [vm.monitor.resume_prelaunch for vm in agent.registry] == [on]

@@ -34,12 +34,12 @@ from typing import Iterator, List, NamedTuple, Sequence
 
 import pytest
 
+from support.debian_root import RootDir, popen_in_root, root_for_test, root_tempdir, run_in_root
+from support.pyztools import build_pyz, session_pyz, snapshot_tree, wheel_dir, zip_build_hash
+
 # the first test to use a Debian root builds it with debootstrap: minutes on a fresh
 # machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
 pytestmark = [pytest.mark.timeout(1200), pytest.mark.debian_root, pytest.mark.slow]
-
-from support.debian_root import RootDir, popen_in_root, root_for_test, root_tempdir, run_in_root
-from support.pyztools import build_pyz, session_pyz, snapshot_tree, wheel_dir, zip_build_hash
 
 READY_TIMEOUT = 60.0  # a loaded 2-core machine, Python 3.9 compiling the pyz's sources
 BENCH_TIMEOUT = 180.0

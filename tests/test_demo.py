@@ -94,7 +94,7 @@ def test_demo_keep_running_is_cleaned_up_by_a_signal(tmp_path, sig):
     lines = []
     try:
         deadline = time.monotonic() + 120
-        while not any("until you press Ctrl-C" in l for l in lines):
+        while not any("until you press Ctrl-C" in line for line in lines):
             line = proc.stdout.readline()
             assert line and time.monotonic() < deadline, "".join(lines) + proc.stderr.read()
             lines.append(line)

@@ -97,9 +97,10 @@ def test_console_vnc_acl_and_ls_through_the_agent(pki, tmp_path, bootvm):
     finally:
         agent.stop()
     audit = agent.audit_lines()
-    assert any("identity=bob vm=web1 channel=console mode=rw result='refused:" in l for l in audit)
-    assert any("identity=alice vm=web1 channel=console mode=rw result=" in l and "in=25 out=27" in l for l in audit)
-    assert any("identity=alice vm=web1 channel=vnc" in l for l in audit)
+    assert any("identity=bob vm=web1 channel=console mode=rw result='refused:" in line for line in audit)
+    assert any("identity=alice vm=web1 channel=console mode=rw result=" in line and "in=25 out=27" in line
+               for line in audit)
+    assert any("identity=alice vm=web1 channel=vnc" in line for line in audit)
 
 
 def test_ls_from_the_command_line(pki, tmp_path, bootvm):
@@ -292,5 +293,5 @@ def test_resume_prelaunch_through_vproxy_serve(pki, tmp_path, file_line, flags, 
         proc.wait(15)
         reader.join(5)
         vm.terminate()
-    said = [l for l in lines if "resumed from prelaunch after taking over its consoles" in l]
+    said = [line for line in lines if "resumed from prelaunch after taking over its consoles" in line]
     assert len(said) == (1 if resumed else 0), "".join(lines)

@@ -369,7 +369,7 @@ def test_client_sigkilled_mid_write_leaves_no_stale_writer(pki, tmp_path, vmdir)
         agent.stop()
         vm.terminate()
     audit = agent.audit_lines()
-    killed = [l for l in audit if "identity=alice vm=web1 channel=console mode=rw result='ended" in l]
+    killed = [line for line in audit if "identity=alice vm=web1 channel=console mode=rw result='ended" in line]
     assert killed, audit
     m = re.search(r" in=(\d+) ", killed[0])
     assert m and int(m.group(1)) >= 64 * 1024, killed[0]
@@ -451,7 +451,7 @@ def test_qemu_paused_mid_transfer_nothing_lost(pki, tmp_path, vmdir, how):
         with contextlib.suppress(FileNotFoundError):
             second_qmp.unlink()
     # counted on the agent's side too: every byte in, every echoed byte out
-    lines = [l for l in agent.audit_lines() if "channel=console mode=rw" in l]
+    lines = [line for line in agent.audit_lines() if "channel=console mode=rw" in line]
     assert lines, agent.audit_lines()
     assert " in=%d out=%d " % (len(payload), len(want)) in lines[-1], lines[-1]
 
@@ -541,7 +541,7 @@ def test_network_cut_shorter_than_keepalive_session_survives(pki, tmp_path, netn
         assert agent.alive()
     finally:
         agent.stop()
-    assert not any("no answer from the peer" in l for l in agent.stderr_lines), agent.stderr_lines
+    assert not any("no answer from the peer" in line for line in agent.stderr_lines), agent.stderr_lines
 
 
 @pytest.mark.qemu
@@ -590,7 +590,7 @@ def test_network_cut_longer_than_keepalive_peer_declared_dead_and_console_reconn
     # the same agent and console: resumed by offset, nothing twice, nothing missed
     assert no_banner(seen) == expected_echo(b"before the cut\r" + b"after the cut\r"), seen
     assert not any("began anew" in s for s in statuses), statuses
-    assert any("no answer from the peer" in l for l in agent.stderr_lines), agent.stderr_lines
+    assert any("no answer from the peer" in line for line in agent.stderr_lines), agent.stderr_lines
 
 
 # --------------------------------------------------------------------------- disk full
@@ -648,7 +648,7 @@ def test_console_log_disk_full_one_error_ring_and_viewers_keep_working(pki, tmp_
         assert agent.alive()
         log = (logs / "web1.serial0.log").read_bytes()
         assert 0 < len(log) <= 64 * 1024 and want.startswith(no_banner(log))
-        errors = [l for l in agent.stderr_lines if "web1.serial0.log" in l]
+        errors = [line for line in agent.stderr_lines if "web1.serial0.log" in line]
         assert len(errors) == 1, agent.stderr_lines
         assert "No space left on device" in errors[0] and "logging stops" in errors[0], errors
     finally:

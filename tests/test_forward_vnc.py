@@ -301,7 +301,7 @@ def test_forward_a_console_to_a_tcp_port(pki, tmp_path, bootvm):
     assert code == 0, err
     assert "forwarding 127.0.0.1:" in err and "to console of VM web1" in err
     assert "the agent refused the vnc of VM web1: alice may not open vnc of VM web1" in rerr, rerr
-    assert any("identity=alice vm=web1 channel=console mode=rw" in l for l in agent.audit_lines())
+    assert any("identity=alice vm=web1 channel=console mode=rw" in line for line in agent.audit_lines())
 
 
 @pytest.mark.qemu
@@ -337,7 +337,7 @@ def test_forward_a_console_to_a_unix_socket_in_local_mode(tmp_path, bootvm):
     assert code == 0, err
     assert not listen.exists()  # removed on exit
     audit = agent.audit_lines()
-    assert any("identity=uid:%d(" % os.getuid() in l and "channel=console mode=rw" in l for l in audit), audit
+    assert any("identity=uid:%d(" % os.getuid() in line and "channel=console mode=rw" in line for line in audit), audit
 
 
 @pytest.mark.qemu
@@ -399,8 +399,9 @@ def test_vnc_no_viewer_and_a_real_vnc_client(pki, tmp_path, bootvm):
         code, err = vnc.stop()
         agent.stop()
     assert code == 0, err
-    assert "VNC display of VM web1 on %s at %s (e.g. vncviewer %s::%s)" % (agent.address, vnc.address, host, port) in err
-    assert len([l for l in agent.audit_lines() if "identity=alice vm=web1 channel=vnc" in l]) == 2
+    assert ("VNC display of VM web1 on %s at %s (e.g. vncviewer %s::%s)"
+            % (agent.address, vnc.address, host, port)) in err
+    assert len([line for line in agent.audit_lines() if "identity=alice vm=web1 channel=vnc" in line]) == 2
 
 
 @pytest.mark.qemu
@@ -415,7 +416,7 @@ def test_vnc_starts_the_viewer_and_ends_with_it(pki, tmp_path, bootvm):
                              capture_output=True, text=True, env=env, timeout=60)
         assert out.returncode == 0, out.stderr
         address = out.stdout.strip()
-        (call,) = [json.loads(l) for l in (bin_dir / "calls.jsonl").read_text().splitlines()]
+        (call,) = [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()]
         host, _, port = address.rpartition(":")
         assert call == {"name": "vncviewer", "args": ["%s::%s" % (host, port)], "greeting": "RFB 003.008\n"}
         assert "started %s %s::%s" % (bin_dir / "vncviewer", host, port) in out.stderr
@@ -427,7 +428,7 @@ def test_vnc_starts_the_viewer_and_ends_with_it(pki, tmp_path, bootvm):
                               "unix:%s/v.sock" % tmp_path] + tls_args(pki),
                              capture_output=True, text=True, env=env, timeout=60)
         assert out.returncode == 1 and "the viewer exited with status 3" in out.stderr
-        (call,) = [json.loads(l) for l in (bin2 / "calls.jsonl").read_text().splitlines()]
+        (call,) = [json.loads(line) for line in (bin2 / "calls.jsonl").read_text().splitlines()]
         assert call == {"name": "remote-viewer", "args": ["vnc+unix://%s/v.sock" % tmp_path]}
     finally:
         agent.stop()

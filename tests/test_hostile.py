@@ -10,7 +10,6 @@ import pytest
 
 from support.aio import run
 from vproxy import mux
-from vproxy.security import tls
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.client.connection import connect
 from vproxy.mux import frames as fr

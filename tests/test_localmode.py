@@ -183,8 +183,8 @@ def test_uids_are_allowed_and_denied_by_the_acl_on_a_real_vm(sockdir, tmp_path, 
         finally:
             vm.terminate()
     audit = [r.getMessage() for r in caplog.records if r.name == "vproxy.audit"]
-    assert any(l.startswith("identity=uid:0(root) vm=web1 channel=console mode=rw result=") for l in audit), audit
-    assert any(l.startswith("identity=uid:65534(nobody) vm=web1 channel=console mode=rw result='refused:")
-               for l in audit), audit
-    assert any(l.startswith("identity=uid:0(root) vm=web1 channel=vnc mode=rw result='refused:")
-               for l in audit), audit
+    assert any(line.startswith("identity=uid:0(root) vm=web1 channel=console mode=rw result=") for line in audit), audit
+    assert any(line.startswith("identity=uid:65534(nobody) vm=web1 channel=console mode=rw result='refused:")
+               for line in audit), audit
+    assert any(line.startswith("identity=uid:0(root) vm=web1 channel=vnc mode=rw result='refused:")
+               for line in audit), audit

@@ -68,7 +68,7 @@ def test_window_grows_toward_the_bandwidth_delay_product_and_stays_capped():
     p = Pair(config)
     sid = p.open()
     p.client.send_data(sid, b"x" * 20_000_000)
-    for step in range(2000):
+    for _ in range(2000):
         p.now += 0.0001  # the reader keeps up: credit comes back well within an RTT
         p.pump(limit=64 * 1024)
         p.read_all("server", sid)
@@ -79,7 +79,7 @@ def test_window_does_not_grow_for_a_slow_reader():
     p = Pair(mux.Config(initial_window=64 * 1024))
     sid = p.open()
     p.client.send_data(sid, b"x" * 5_000_000)
-    for step in range(50):
+    for _ in range(50):
         p.now += 1.0  # a reader far slower than the RTT
         p.pump()
         p.read_all("server", sid)

@@ -1,5 +1,5 @@
 """`vproxy pki` from the .pyz with nothing installed: the cryptography and cffi wheels that
-build.py bundles are unpacked on first use (vproxy/_native.py).
+build.py bundles are unpacked on first use (vproxy/security/native.py).
 
 What these tests prove:
 - the archive holds one set (cryptography + cffi) per machine and Python it lists, each
@@ -31,13 +31,13 @@ from typing import Dict, List, Sequence, Tuple
 
 import pytest
 
-# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
-# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
-pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
-
 from support.debian_root import ROOT_ENV, popen_in_root, root_for_test, root_tempdir, run_in_root
 from support.pyztools import session_pyz
 from test_debian_roots import BENCH_TIMEOUT, agent, check_bench, free_port, host_env
+
+# the first test to use a Debian root builds it with debootstrap: minutes on a fresh
+# machine (an emulated arm64 root: over ten), more than the suite's 300 s per test
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
 
 MARKER = ".vproxy-native-complete"
 COVERED = {("x86_64", "3.9"), ("x86_64", "3.11"), ("x86_64", "3.13"),
@@ -123,7 +123,7 @@ def test_pki_on_host_python_without_site_packages(tmp_path):
 NOT_COVERED = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from vproxy import _native
+from vproxy.security import native as _native
 from vproxy.errors import UserError
 
 _native.target = lambda: ("riscv64", "3.12")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from support.memstream import open_channel, read_exactly
-from support.vmtools import QemuVM, boot_sector_vm, qemu_available
+from support.vmtools import boot_sector_vm, qemu_available
 from vproxy.errors import ChannelRefused, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
 from vproxy.agent.qemu.provider import QemuProvider

@@ -10,7 +10,7 @@ import pytest
 
 from vproxy import mux
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
-from vproxy.mux import OpenRequest, Priority
+from vproxy.mux import OpenRequest
 from vproxy.mux import frames as fr
 from vproxy.net.session import Session
 from support.aio import run

@@ -7,6 +7,7 @@ learn an identity), and the client's view of it is checked to read as one clear 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import socket
 import ssl
@@ -375,7 +376,7 @@ def test_identity_takes_the_last_cn():
 
 def test_identity_is_frozen_and_hashable():
     ident = tls.Identity("a", ("b",), (), ())
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ident.common_name = "x"  # type: ignore[misc]
     assert {ident: 1}[tls.Identity("a", ("b",), (), ())] == 1
 

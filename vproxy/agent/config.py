@@ -64,7 +64,8 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
             out.settings[key] = value
     for index, vm in enumerate(data.get("vm", [])):
         where = "%s: [[vm]] #%d" % (path, index + 1)
-        if not isinstance(vm, dict) or set(vm) != {"name", "qmp"} or not all(isinstance(v, str) and v for v in vm.values()):
+        if (not isinstance(vm, dict) or set(vm) != {"name", "qmp"}
+                or not all(isinstance(v, str) and v for v in vm.values())):
             raise UserError("%s: needs exactly name = \"...\" and qmp = \"/path/to/qmp.sock\"" % where)
         if any(vm["name"] == name for name, _ in out.vms):
             raise UserError("%s: VM %r is configured twice" % (where, vm["name"]))

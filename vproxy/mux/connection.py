@@ -76,8 +76,8 @@ class Input(Enum):
     RECV_NOTICE = "receive NOTICE"
 
 
-S = StreamState
-I = Input
+S = StreamState  # short names keep the transition table below one readable line a row
+I = Input  # noqa: E741
 _LIVE = (S.OPEN, S.HALF_CLOSED_LOCAL, S.HALF_CLOSED_REMOTE)
 
 # (state, input) -> next state. Anything not here is an error. RESET is allowed in

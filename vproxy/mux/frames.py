@@ -9,7 +9,7 @@ connection logic never touches struct offsets.
 """
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Dict, List, Optional, Tuple
 

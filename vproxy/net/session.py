@@ -615,7 +615,8 @@ class Session(asyncio.BufferedProtocol):
         except Exception:
             log.exception("%s: handler for %r failed", self.name, stream)
             if not stream.closed:
-                if stream.stream_id in self._streams and self._conn.stream_state(stream.stream_id) == mux.StreamState.PENDING:
+                if (stream.stream_id in self._streams
+                        and self._conn.stream_state(stream.stream_id) == mux.StreamState.PENDING):
                     stream.refuse(mux.RefuseCode.INTERNAL, "internal error in the agent")
                 else:
                     stream.reset(ResetCode.INTERNAL, "internal error in the agent")
