@@ -119,7 +119,7 @@ class AgentSession(Session):
 
     def _expired(self) -> None:
         self._expiry_timer = None
-        if self.closed.done():
+        if self.closed.done() or self._not_after is None:
             return
         self.end("your certificate %s" % tls.expiry_text(self.peer_identity, self._not_after))
 

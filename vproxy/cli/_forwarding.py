@@ -61,12 +61,17 @@ async def check_vm(client, vm: str, host: str) -> None:
                         hint="vproxy ls %s shows the VMs you may open" % host)
 
 
+def _resolve(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def until_signal(also: Optional[asyncio.Future] = None) -> None:
     """Wait for SIGINT or SIGTERM (or `also` to finish)."""
     loop = asyncio.get_event_loop()
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, _resolve, stop)
     try:
         waiting = [stop] + ([also] if also is not None else [])
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

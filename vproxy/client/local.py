@@ -18,7 +18,7 @@ async def connect_local(path: str, timeout: float = 10.0, config: Any = None,
     address = "unix:%s" % path
     loop = asyncio.get_event_loop()
     try:
-        _, session = await asyncio.wait_for(
+        transport, session = await asyncio.wait_for(
             loop.create_unix_connection(
                 lambda: Session(client=True, config=config, name="session to %s" % address), path),
             timeout)
@@ -33,7 +33,7 @@ async def connect_local(path: str, timeout: float = 10.0, config: Any = None,
     except OSError as e:
         raise UserError("cannot connect to the agent at %s: %s" % (address, e.strerror or e)) from None
     try:
-        session.peer_identity = peer_identity(session.transport.get_extra_info("socket"))
+        session.peer_identity = peer_identity(transport.get_extra_info("socket"))
     except (OSError, UserError):
         pass
     try:

@@ -44,7 +44,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from .address import format_sockname
 
@@ -699,11 +699,14 @@ def _prepare(sock: socket.socket) -> None:
 
 # --------------------------------------------------------------------------- client
 
-async def create_connection(protocol_factory: Callable[[], asyncio.BaseProtocol],
+_Protocol = TypeVar("_Protocol", bound=asyncio.BaseProtocol)
+
+
+async def create_connection(protocol_factory: Callable[[], _Protocol],
                             host: str, port: int, ssl_context: ssl.SSLContext,
                             server_hostname: Optional[str],
                             handshake_timeout: Optional[float] = 10.0,
-                            ) -> Tuple[TlsTransport, asyncio.BaseProtocol]:
+                            ) -> Tuple[TlsTransport, _Protocol]:
     """Connect over TCP, do the TLS handshake, return (transport, protocol).
 
     Raises the original error: ssl.SSLError (ssl.SSLCertVerificationError...),

@@ -76,7 +76,7 @@ def _archive() -> Optional[str]:
 
 def _build_native() -> Tuple[Dict[str, Dict[str, Any]], Tuple[int, ...]]:
     try:
-        from vproxy import _build  # type: ignore[attr-defined]  # optional: written by build.py
+        from vproxy import _build  # optional: written by build.py
     except ImportError:
         return {}, (2, 17)
     return getattr(_build, "NATIVE", {}), tuple(getattr(_build, "NATIVE_GLIBC", (2, 17)))

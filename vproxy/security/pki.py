@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -97,13 +98,8 @@ def _crypto() -> Any:
         raise UserError("vproxy pki needs the 'cryptography' package",
                         hint="pip install cryptography") from None
 
-    class C:
-        pass
-
-    c = C()
-    c.x509, c.hashes, c.serialization, c.ec = x509, hashes, serialization, ec
-    c.EKU, c.NameOID = ExtendedKeyUsageOID, NameOID
-    return c
+    return types.SimpleNamespace(x509=x509, hashes=hashes, serialization=serialization, ec=ec,
+                                 EKU=ExtendedKeyUsageOID, NameOID=NameOID)
 
 
 def _utcnow() -> _dt.datetime:
