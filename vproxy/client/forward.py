@@ -31,6 +31,7 @@ from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserE
 from vproxy.mux import ResetCode
 from vproxy.net.address import ListenAddress, unix_listener
 from vproxy.net.session import Stream
+from vproxy.net.tasks import Nursery
 
 log = logging.getLogger("vproxy.forward")
 
@@ -82,34 +83,24 @@ async def bridge(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.S
             except OSError as e:
                 raise _LocalBroken(e.strerror or str(e)) from None
 
-    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-    outcome = "closed"
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task.done() and task.exception() is not None:
-                error = task.exception()
-                if isinstance(error, _LocalBroken):
-                    outcome = "local: %s" % error
-                    stream.reset(ResetCode.CANCEL, "the local connection broke: %s" % error)
-                    writer.transport.abort()
-                elif isinstance(error, (StreamResetError, SessionClosed)):
-                    outcome = "stream: %s" % error
-                    reset_local(writer)
-                else:
-                    raise error
-                break
-        else:
-            writer.close()
+        async with Nursery() as nursery:
+            nursery.start(upstream())
+            nursery.start(downstream())
+            await nursery.wait_all()  # both directions: one's EOF leaves the other running
+    except _LocalBroken as error:
+        stream.reset(ResetCode.CANCEL, "the local connection broke: %s" % error)
+        writer.transport.abort()
+        return "local: %s" % error
+    except (StreamResetError, SessionClosed) as error:
+        reset_local(writer)
+        return "stream: %s" % error
     except asyncio.CancelledError:
         stream.reset(ResetCode.CANCEL, "the local forwarder stopped")
         reset_local(writer)
         raise
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return outcome
+    writer.close()
+    return "closed"
 
 
 def reset_local(writer: asyncio.StreamWriter) -> None:
