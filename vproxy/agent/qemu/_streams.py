@@ -10,6 +10,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
 from vproxy.mux import RefuseCode, ResetCode
+from vproxy.net.tasks import Nursery
 
 log = logging.getLogger("vproxy.qemu")
 
@@ -19,7 +20,7 @@ CHUNK = 65536
 STREAM_ERRORS = (StreamResetError, SessionClosed, ConnectionError)
 
 __all__ = ["RefuseCode", "ResetCode", "CHUNK", "STREAM_ERRORS", "refuse", "int_option",
-           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream"]
+           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream", "ended_with"]
 
 
 def refuse(code: int, message: str) -> ChannelRefused:
@@ -62,8 +63,10 @@ async def safe_close(stream: Any) -> None:
         pass
 
 
-async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> None:
-    """Copy until EOF on *sock*; returns normally at EOF, raises on stream errors."""
+async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> str:
+    """Copy until EOF on *sock*: "eof" then, "error" if the stream broke first (an end
+    like any other for a pump in a Nursery, not an error that would cancel its sibling
+    before the channel has looked)."""
     loop = asyncio.get_event_loop()
     while True:
         try:
@@ -71,18 +74,28 @@ async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> None:
         except OSError:
             data = b""
         if not data:
-            return
-        await stream.write(data)
+            return "eof"
+        try:
+            await stream.write(data)
+        except STREAM_ERRORS:
+            return "error"
+
+
+def ended_with(task: "asyncio.Task[str]", outcome: str) -> bool:
+    """Has this pump task ended by itself (not cancelled, not failed), returning *outcome*?"""
+    return (task.done() and not task.cancelled() and task.exception() is None
+            and task.result() == outcome)
 
 
 class GoneOnQemuExit:
-    """For channels that copy between a stream and a QEMU socket with tasks: when QEMU
-    goes away, reset the stream (CHANNEL_GONE, with the reason) and stop the copying.
-    Subclasses set _stream, _gone_reason and _tasks in __init__."""
+    """For channels that copy between a stream and a QEMU socket in a Nursery: when
+    QEMU goes away, reset the stream (CHANNEL_GONE, with the reason) and stop the
+    copying. Subclasses set _stream, _gone_reason and _children (the Nursery, while
+    run() copies) in __init__."""
 
     _stream: Any
     _gone_reason: str
-    _tasks: list
+    _children: Optional[Nursery]
 
     def gone(self, reason: str) -> None:
         if self._gone_reason:
@@ -90,5 +103,5 @@ class GoneOnQemuExit:
         self._gone_reason = reason
         if self._stream is not None:
             safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
-        for t in self._tasks:
-            t.cancel()
+        if self._children is not None:
+            self._children.cancel()
