@@ -97,6 +97,15 @@ class GoneOnQemuExit:
     _gone_reason: str
     _children: Optional[Nursery]
 
+    def _adopt(self, stream: Any) -> bool:
+        """run()'s first step: take *stream*; False (the stream reset, CHANNEL_GONE) if
+        QEMU went away before the channel ran."""
+        self._stream = stream
+        if self._gone_reason:
+            safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
+            return False
+        return True
+
     def gone(self, reason: str) -> None:
         if self._gone_reason:
             return

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 from vproxy.net.tasks import Nursery
 
 from . import chardev
-from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, ended_with, refuse, safe_close, safe_notify, safe_reset
+from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ended_with, refuse, safe_close, safe_notify
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
@@ -247,10 +247,8 @@ class GuestChannel(GoneOnQemuExit):
             safe_notify(self._stream, fields)
 
     async def run(self, stream: Any) -> None:
-        self._stream = stream
         try:
-            if self._gone_reason:
-                safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
+            if not self._adopt(stream):
                 return
             for fields in self._pending:
                 safe_notify(stream, fields)

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Set
 
 from vproxy.net.tasks import Nursery
 
-from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, copy_socket_to_stream, ended_with, refuse, safe_close, safe_reset
+from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream, ended_with, refuse, safe_close
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
 
@@ -158,10 +158,8 @@ class VncViewer(GoneOnQemuExit):
         self._children: Optional[Nursery] = None
 
     async def run(self, stream: Any) -> None:
-        self._stream = stream
         try:
-            if self._gone_reason:
-                safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
+            if not self._adopt(stream):
                 return
             async with Nursery() as children:
                 self._children = children  # for gone()
