@@ -9,17 +9,23 @@ import socket
 from typing import Any, Dict, Mapping, Optional
 
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
-from vproxy.mux import RefuseCode, ResetCode
+from vproxy.mux import MAX_PAYLOAD, RefuseCode, ResetCode
 from vproxy.net.tasks import Nursery
 
 log = logging.getLogger("vproxy.qemu")
 
-CHUNK = 65536
+#: Bytes moved per read between a QEMU socket (or a console's ring) and a stream: one
+#: mux frame's payload, so that every stream write is one DATA frame. Deliberately not
+#: the client's BULK_CHUNK (vproxy.client.forward, 256 KiB, one program's bulk
+#: traffic): the agent copies for many streams and viewers at once, and a console
+#: drains its chardev synchronously in steps of this size, so small steps let every
+#: stream and viewer move in turn.
+FRAME_CHUNK = MAX_PAYLOAD
 
 #: What a stream's read/write raise when the stream or the session is over.
 STREAM_ERRORS = (StreamResetError, SessionClosed, ConnectionError)
 
-__all__ = ["RefuseCode", "ResetCode", "CHUNK", "STREAM_ERRORS", "refuse", "int_option",
+__all__ = ["RefuseCode", "ResetCode", "FRAME_CHUNK", "STREAM_ERRORS", "refuse", "int_option",
            "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream", "ended_with"]
 
 
@@ -70,7 +76,7 @@ async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> str:
     loop = asyncio.get_event_loop()
     while True:
         try:
-            data = await loop.sock_recv(sock, CHUNK)
+            data = await loop.sock_recv(sock, FRAME_CHUNK)
         except OSError:
             data = b""
         if not data:

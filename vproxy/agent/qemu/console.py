@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional
 from vproxy.net.tasks import Nursery
 
 from . import chardev
-from ._streams import CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close, safe_notify, safe_reset
+from ._streams import FRAME_CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close, safe_notify, safe_reset
 from .errors import QemuError
 from .monitor import MonitorOwner, VMMonitor
 from .ring import RingBuffer
@@ -153,7 +153,7 @@ class Console:
     def _drain(self, sock: socket.socket) -> None:
         while True:
             try:
-                data = sock.recv(CHUNK)
+                data = sock.recv(FRAME_CHUNK)
             except OSError:  # BlockingIOError: nothing more for now
                 return
             if not data:
@@ -164,7 +164,7 @@ class Console:
         loop = asyncio.get_event_loop()
         while True:
             try:
-                data = await loop.sock_recv(sock, CHUNK)
+                data = await loop.sock_recv(sock, FRAME_CHUNK)
             except OSError:
                 data = b""
             if not data:
@@ -373,7 +373,7 @@ class ConsoleViewer:
                     self._wake_event.clear()
                     await self._wake_event.wait()
                     continue
-                chunk = ring.read(self.pos, CHUNK)
+                chunk = ring.read(self.pos, FRAME_CHUNK)
                 await self._stream.write(chunk)
                 self.pos += len(chunk)
         except STREAM_ERRORS:
@@ -383,7 +383,7 @@ class ConsoleViewer:
         console = self.console
         try:
             while True:
-                data = await self._stream.read(CHUNK)
+                data = await self._stream.read(FRAME_CHUNK)
                 if not data:
                     break
                 if console.writer is self:

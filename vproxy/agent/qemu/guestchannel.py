@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 from vproxy.net.tasks import Nursery
 
 from . import chardev
-from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ended_with, refuse, safe_close, safe_notify
+from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ended_with, refuse, safe_close, safe_notify
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
@@ -276,7 +276,7 @@ class GuestChannel(GoneOnQemuExit):
         loop = asyncio.get_event_loop()
         while True:
             try:
-                data = await loop.sock_recv(self._sock, CHUNK)
+                data = await loop.sock_recv(self._sock, FRAME_CHUNK)
             except OSError:
                 data = b""
             if not data:
@@ -292,7 +292,7 @@ class GuestChannel(GoneOnQemuExit):
         loop = asyncio.get_event_loop()
         try:
             while True:
-                data = await self._stream.read(CHUNK)
+                data = await self._stream.read(FRAME_CHUNK)
                 if not data:
                     return "eof"
                 await loop.sock_sendall(self._sock, data)

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Set
 
 from vproxy.net.tasks import Nursery
 
-from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream, ended_with, refuse, safe_close
+from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream, ended_with, refuse, safe_close
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
 
@@ -186,7 +186,7 @@ class VncViewer(GoneOnQemuExit):
         shared = SharedFlagFilter()
         try:
             while True:
-                data = await stream.read(CHUNK)
+                data = await stream.read(FRAME_CHUNK)
                 if not data:
                     break
                 await loop.sock_sendall(self._sock, shared.feed(data))
