@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional, Set
 from vproxy.net.tasks import Nursery
 
 from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream, ended_with, refuse, safe_close
+from .chardev import socket_to_qemu
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
 
@@ -121,18 +122,10 @@ class VncService(MonitorOwner):
         try:
             if not await self.probe(monitor):
                 raise refuse(RefuseCode.UNAVAILABLE, self.reason)
-            ours, theirs = socket.socketpair()
-            try:
-                await monitor.execute_with_fd(theirs.fileno(), "add_client", lambda fdname: {
-                    "protocol": "vnc", "fdname": fdname, "skipauth": True})
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
+            ours = await socket_to_qemu(monitor, "add_client", lambda fdname: {
+                "protocol": "vnc", "fdname": fdname, "skipauth": True})
         except QemuError as e:
             raise refuse(RefuseCode.UNAVAILABLE, str(e)) from None
-        ours.setblocking(False)
         viewer = VncViewer(self, monitor, identity, ours)
         self.viewers.add(viewer)
         return viewer
