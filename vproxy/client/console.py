@@ -35,6 +35,7 @@ from .connection import Client, connect
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserError
 from vproxy.mux import RefuseCode, ResetCode
 from vproxy.net.session import Stream
+from vproxy.net.tasks import Nursery
 
 log = logging.getLogger("vproxy.console")
 
@@ -306,19 +307,13 @@ class ConsoleClient:
     # ------------------------------------------------------------------ the stream
 
     async def _connection_loop(self) -> None:
-        loop = asyncio.get_event_loop()
         while True:
             stream = self._stream
             assert stream is not None
-            pump = loop.create_task(self._pump(stream))
-            forcing = loop.create_task(self._force_event.wait())
-            try:
-                await asyncio.wait({pump, forcing}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                forcing.cancel()
-                if not pump.done():
-                    pump.cancel()
-                await asyncio.gather(pump, forcing, return_exceptions=True)
+            async with Nursery() as children:
+                pump = children.start(self._pump(stream))
+                children.start(self._force_event.wait())
+                await children.wait_any()
             if pump.cancelled():  # ^]f: reopen this console in mode force
                 self._force_event.clear()
                 await self._take_over(stream)
@@ -335,9 +330,17 @@ class ConsoleClient:
 
     async def _pump(self, stream: Stream) -> Tuple[str, Optional[Exception]]:
         """Print the stream's output until it ends: ("eof"|"error"|"output", error)."""
-        loop = asyncio.get_event_loop()
-        notices = loop.create_task(self._notice_loop(stream))
-        inputs = loop.create_task(self._input_loop(stream))
+        try:
+            async with Nursery() as children:
+                children.start(self._notice_loop(stream))
+                children.start(self._input_loop(stream))
+                return await self._print_all(stream)
+        finally:
+            for fields in stream.pending_notices():
+                self._on_notice(fields)
+
+    async def _print_all(self, stream: Stream) -> Tuple[str, Optional[Exception]]:
+        """The pump's own loop, beside the notice and input loops."""
         try:
             while True:
                 data = await stream.read()
@@ -349,11 +352,6 @@ class ConsoleClient:
                     return "output", e
         except _STREAM_ERRORS as e:
             return "error", e
-        finally:
-            notices.cancel()
-            inputs.cancel()
-            for fields in stream.pending_notices():
-                self._on_notice(fields)
 
     async def _print(self, data: bytes) -> None:
         if self._trim:

@@ -31,10 +31,15 @@ from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserE
 from vproxy.mux import ResetCode
 from vproxy.net.address import ListenAddress, format_sockname, unix_listener
 from vproxy.net.session import Stream
+from vproxy.net.tasks import Nursery
 
 log = logging.getLogger("vproxy.forward")
 
-CHUNK = 256 * 1024  # bytes moved per read, each way
+#: Bytes moved per read, each way: a new stream's whole credit (the mux's initial
+#: window, 256 KiB) in one read, for one local program's bulk traffic (scp, a backup);
+#: raised from 64 KiB for that. Deliberately not the agent's FRAME_CHUNK
+#: (vproxy.agent.qemu._streams, one frame), which shares the agent among many streams.
+BULK_CHUNK = 256 * 1024
 LOCAL_BUFFER = 1 << 20  # asyncio StreamReader limit for local connections
 
 StreamOpener = Callable[[], Awaitable[Stream]]
@@ -58,7 +63,7 @@ async def bridge(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.S
     async def upstream() -> None:  # local -> stream
         while True:
             try:
-                data = await reader.read(CHUNK)
+                data = await reader.read(BULK_CHUNK)
             except OSError as e:
                 raise _LocalBroken(e.strerror or str(e)) from None
             if not data:
@@ -68,7 +73,7 @@ async def bridge(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.S
 
     async def downstream() -> None:  # stream -> local
         while True:
-            data = await stream.read(CHUNK)
+            data = await stream.read(BULK_CHUNK)
             if not data:
                 break
             writer.write(data)
@@ -82,34 +87,24 @@ async def bridge(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.S
             except OSError as e:
                 raise _LocalBroken(e.strerror or str(e)) from None
 
-    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-    outcome = "closed"
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task.done() and task.exception() is not None:
-                error = task.exception()
-                if isinstance(error, _LocalBroken):
-                    outcome = "local: %s" % error
-                    stream.reset(ResetCode.CANCEL, "the local connection broke: %s" % error)
-                    writer.transport.abort()
-                elif isinstance(error, (StreamResetError, SessionClosed)):
-                    outcome = "stream: %s" % error
-                    reset_local(writer)
-                else:
-                    raise error
-                break
-        else:
-            writer.close()
+        async with Nursery() as nursery:
+            nursery.start(upstream())
+            nursery.start(downstream())
+            await nursery.wait_all()  # both directions: one's EOF leaves the other running
+    except _LocalBroken as error:
+        stream.reset(ResetCode.CANCEL, "the local connection broke: %s" % error)
+        writer.transport.abort()
+        return "local: %s" % error
+    except (StreamResetError, SessionClosed) as error:
+        reset_local(writer)
+        return "stream: %s" % error
     except asyncio.CancelledError:
         stream.reset(ResetCode.CANCEL, "the local forwarder stopped")
         reset_local(writer)
         raise
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return outcome
+    writer.close()
+    return "closed"
 
 
 def reset_local(writer: asyncio.StreamWriter) -> None:

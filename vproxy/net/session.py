@@ -14,19 +14,21 @@ finish(). Those are public for each other, not for applications.
 
 import asyncio
 import logging
-import threading
 from collections import deque
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple, Union, cast
 
 from vproxy import mux
 from . import tcpinfo
+from .transport import WRITE_HIGH_WATER, thread_read_view
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
 from vproxy.mux import OpenRequest, Priority, ResetCode
 from vproxy.security.tls import describe_tls_error
 
 log = logging.getLogger("vproxy.session")
 
-WRITE_HIGH_WATER = 256 * 1024  # Stream.write waits while more than this is unsent
+# Stream.write waits while more than WRITE_HIGH_WATER of its bytes are unsent: the
+# transport's own high-water mark, so that one stream alone has enough queued to refill
+# the transport each time it drains.
 PULL_LIMIT = 64 * 1024  # bytes of data frames taken from the core per transport write
 # Stream.read joins small received pieces into one, up to GATHER_MAX bytes; a piece of
 # GATHER_BELOW bytes or more is handed over as it is (copying it costs more than the
@@ -261,18 +263,6 @@ class Stream:
 
 OpenHandler = Callable[[Stream], Awaitable[None]]
 
-_per_thread = threading.local()
-
-
-def _thread_read_view() -> memoryview:
-    """This thread's READ_BUFFER bytes that transports read into: one per thread, not
-    one per session (a thousand idle sessions would hold 256 MiB)."""
-    view = getattr(_per_thread, "read_view", None)
-    if view is None:
-        view = _per_thread.read_view = memoryview(bytearray(READ_BUFFER))
-    return view
-
-
 class _Event:
     """asyncio.Event's behaviour without its deque of waiters: about 100 bytes where
     an asyncio.Event takes 900, and a stream has four."""
@@ -350,6 +340,8 @@ class Session(asyncio.BufferedProtocol):
         self._pings: Deque["asyncio.Future[float]"] = deque()
         self._tasks: "set[asyncio.Task[None]]" = set()
         self.loop = asyncio.get_event_loop()  # public for Stream, which waits on it
+        # what transports read into: this thread's buffer, shared by its sessions
+        self._read_view = thread_read_view("session", READ_BUFFER)
         self.ready = self.loop.create_future()  # set once the transport is up
         self.closed = self.loop.create_future()  # result: the reason, as text
         self.close_reason: Optional[str] = None
@@ -367,14 +359,14 @@ class Session(asyncio.BufferedProtocol):
             self.ready.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _thread_read_view()
+        return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
         # The core keeps nothing that points into the buffer (it copies out a
         # frame cut between two reads), so the next read may overwrite it, and
         # the sessions of one thread can share it (transports call get_buffer()
         # and buffer_updated() back to back).
-        self.data_received(_thread_read_view()[:nbytes])
+        self.data_received(self._read_view[:nbytes])
 
     def data_received(self, data: bytes) -> None:
         events = self._conn.receive_data(data, self.loop.time())

@@ -54,16 +54,24 @@ READ_SIZE = 256 * 1024  # bytes read from OpenSSL per readiness callback, at mos
 _per_thread = threading.local()
 
 
-def _thread_read_view() -> memoryview:
-    """This thread's READ_SIZE read buffer (the transports of one event loop take
-    turns with it; a buffer per thread, since OpenSSL reads release the GIL)."""
-    view = getattr(_per_thread, "read_view", None)
+def thread_read_view(user: str, size: int) -> memoryview:
+    """This thread's read buffer for *user* ("transport", "session"), *size* bytes,
+    made on first use.
+
+    One per thread, not one per connection: a thousand idle sessions would hold
+    256 MiB. Not one per process: OpenSSL reads release the GIL. The connections of
+    one event loop take turns with it, so each must be done with what it read before
+    its callback returns (it copies out what it keeps). Each user has a buffer of its
+    own: a transport may read into its own (an alert, while failing a write) while a
+    session is still parsing what was read into the session's."""
+    view: Optional[memoryview] = getattr(_per_thread, user, None)
     if view is None:
-        view = _per_thread.read_view = memoryview(bytearray(READ_SIZE))
+        view = memoryview(bytearray(size))
+        setattr(_per_thread, user, view)
     return view
 RECORD_SIZE = 16 * 1024  # a full TLS record: small writes are joined up to this
 SEND_BLOCK = 256 * 1024  # bytes offered to OpenSSL per SSL_write, at most
-WRITE_HIGH_WATER = 256 * 1024
+WRITE_HIGH_WATER = 256 * 1024  # pause_writing() above this many unsent bytes (resume at 1/4)
 CLOSE_TIMEOUT = 30.0  # close(): longest wait to flush and send close_notify
 LINGER_TIMEOUT = 2.0  # after our FIN: longest wait for the peer's, reading meanwhile
 _CONNLOST_WARN = 5  # warn (once) when this many writes came after close or loss
@@ -248,7 +256,7 @@ class TlsTransport(asyncio.Transport):
         self._protocol = protocol
         # one read buffer per thread, shared by its transports: _receive copies what it
         # read out before delivering it, so 256 KiB per idle session would be waste
-        self._read_view = _thread_read_view()
+        self._read_view = thread_read_view("transport", READ_SIZE)
         # Unsent data: blocks of bytes (or memoryviews of bytes), and the one block
         # OpenSSL was last offered and did not take: it must be offered again as is.
         self._queue: Deque[Union[bytes, memoryview]] = collections.deque()

@@ -9,17 +9,24 @@ import socket
 from typing import Any, Dict, Mapping, Optional
 
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
-from vproxy.mux import RefuseCode, ResetCode
+from vproxy.mux import MAX_PAYLOAD, RefuseCode, ResetCode
+from vproxy.net.tasks import Nursery
 
 log = logging.getLogger("vproxy.qemu")
 
-CHUNK = 65536
+#: Bytes moved per read between a QEMU socket (or a console's ring) and a stream: one
+#: mux frame's payload, so that every stream write is one DATA frame. Deliberately not
+#: the client's BULK_CHUNK (vproxy.client.forward, 256 KiB, one program's bulk
+#: traffic): the agent copies for many streams and viewers at once, and a console
+#: drains its chardev synchronously in steps of this size, so small steps let every
+#: stream and viewer move in turn.
+FRAME_CHUNK = MAX_PAYLOAD
 
 #: What a stream's read/write raise when the stream or the session is over.
 STREAM_ERRORS = (StreamResetError, SessionClosed, ConnectionError)
 
-__all__ = ["RefuseCode", "ResetCode", "CHUNK", "STREAM_ERRORS", "refuse", "int_option",
-           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream"]
+__all__ = ["RefuseCode", "ResetCode", "FRAME_CHUNK", "STREAM_ERRORS", "refuse", "int_option",
+           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream", "ended_with"]
 
 
 def refuse(code: int, message: str) -> ChannelRefused:
@@ -62,27 +69,48 @@ async def safe_close(stream: Any) -> None:
         pass
 
 
-async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> None:
-    """Copy until EOF on *sock*; returns normally at EOF, raises on stream errors."""
+async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> str:
+    """Copy until EOF on *sock*: "eof" then, "error" if the stream broke first (an end
+    like any other for a pump in a Nursery, not an error that would cancel its sibling
+    before the channel has looked)."""
     loop = asyncio.get_event_loop()
     while True:
         try:
-            data = await loop.sock_recv(sock, CHUNK)
+            data = await loop.sock_recv(sock, FRAME_CHUNK)
         except OSError:
             data = b""
         if not data:
-            return
-        await stream.write(data)
+            return "eof"
+        try:
+            await stream.write(data)
+        except STREAM_ERRORS:
+            return "error"
+
+
+def ended_with(task: "asyncio.Task[str]", outcome: str) -> bool:
+    """Has this pump task ended by itself (not cancelled, not failed), returning *outcome*?"""
+    return (task.done() and not task.cancelled() and task.exception() is None
+            and task.result() == outcome)
 
 
 class GoneOnQemuExit:
-    """For channels that copy between a stream and a QEMU socket with tasks: when QEMU
-    goes away, reset the stream (CHANNEL_GONE, with the reason) and stop the copying.
-    Subclasses set _stream, _gone_reason and _tasks in __init__."""
+    """For channels that copy between a stream and a QEMU socket in a Nursery: when
+    QEMU goes away, reset the stream (CHANNEL_GONE, with the reason) and stop the
+    copying. Subclasses set _stream, _gone_reason and _children (the Nursery, while
+    run() copies) in __init__."""
 
     _stream: Any
     _gone_reason: str
-    _tasks: list
+    _children: Optional[Nursery]
+
+    def _adopt(self, stream: Any) -> bool:
+        """run()'s first step: take *stream*; False (the stream reset, CHANNEL_GONE) if
+        QEMU went away before the channel ran."""
+        self._stream = stream
+        if self._gone_reason:
+            safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
+            return False
+        return True
 
     def gone(self, reason: str) -> None:
         if self._gone_reason:
@@ -90,5 +118,5 @@ class GoneOnQemuExit:
         self._gone_reason = reason
         if self._stream is not None:
             safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
-        for t in self._tasks:
-            t.cancel()
+        if self._children is not None:
+            self._children.cancel()

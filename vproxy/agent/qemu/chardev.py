@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Collection, Dict, List
+from typing import Any, Callable, Collection, Dict, List
 
 from .monitor import VMMonitor
 
@@ -91,17 +91,16 @@ def fd_socket_backend(fdname: str) -> Dict[str, Any]:
             "data": {"addr": {"type": "fd", "data": {"str": fdname}}, "server": False}}
 
 
-async def take_over(monitor: VMMonitor, chardev_id: str, kind: str) -> socket.socket:
-    """Connect chardev *chardev_id* (of back-end *kind*: NULL, OURS or
-    OURS_DISCONNECTED) to a new socketpair; returns the agent's non-blocking end."""
+async def socket_to_qemu(monitor: VMMonitor, cmd: str,
+                         make_args: Callable[[str], Dict[str, Any]]) -> socket.socket:
+    """Make a socketpair, pass one end to QEMU and run *cmd* with ``make_args(fdname)``
+    (`VMMonitor.execute_with_fd`); returns the agent's end, non-blocking.
+
+    Our copy of QEMU's end is closed in every case (QEMU holds its own); the agent's
+    end too if the command failed or was cancelled."""
     ours, theirs = socket.socketpair()
     try:
-        if kind == OURS_DISCONNECTED:
-            await monitor.execute_with_fd(theirs.fileno(), "add_client", lambda fdname: {
-                "protocol": chardev_id, "fdname": fdname})
-        else:
-            await monitor.execute_with_fd(theirs.fileno(), "chardev-change", lambda fdname: {
-                "id": chardev_id, "backend": fd_socket_backend(fdname)})
+        await monitor.execute_with_fd(theirs.fileno(), cmd, make_args)
     except BaseException:
         ours.close()
         raise
@@ -109,18 +108,19 @@ async def take_over(monitor: VMMonitor, chardev_id: str, kind: str) -> socket.so
         theirs.close()
     ours.setblocking(False)
     return ours
+
+
+async def take_over(monitor: VMMonitor, chardev_id: str, kind: str) -> socket.socket:
+    """Connect chardev *chardev_id* (of back-end *kind*: NULL, OURS or
+    OURS_DISCONNECTED) to a new socketpair; returns the agent's non-blocking end."""
+    if kind == OURS_DISCONNECTED:
+        return await socket_to_qemu(monitor, "add_client", lambda fdname: {
+            "protocol": chardev_id, "fdname": fdname})
+    return await socket_to_qemu(monitor, "chardev-change", lambda fdname: {
+        "id": chardev_id, "backend": fd_socket_backend(fdname)})
 
 
 async def add_fd_chardev(monitor: VMMonitor, chardev_id: str) -> socket.socket:
     """``chardev-add`` *chardev_id* as an fd socket; returns the agent's end."""
-    ours, theirs = socket.socketpair()
-    try:
-        await monitor.execute_with_fd(theirs.fileno(), "chardev-add", lambda fdname: {
-            "id": chardev_id, "backend": fd_socket_backend(fdname)})
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    ours.setblocking(False)
-    return ours
+    return await socket_to_qemu(monitor, "chardev-add", lambda fdname: {
+        "id": chardev_id, "backend": fd_socket_backend(fdname)})

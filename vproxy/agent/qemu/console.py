@@ -52,8 +52,10 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
+from vproxy.net.tasks import Nursery
+
 from . import chardev
-from ._streams import CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close, safe_notify, safe_reset
+from ._streams import FRAME_CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close, safe_notify, safe_reset
 from .errors import QemuError
 from .monitor import MonitorOwner, VMMonitor
 from .ring import RingBuffer
@@ -151,7 +153,7 @@ class Console:
     def _drain(self, sock: socket.socket) -> None:
         while True:
             try:
-                data = sock.recv(CHUNK)
+                data = sock.recv(FRAME_CHUNK)
             except OSError:  # BlockingIOError: nothing more for now
                 return
             if not data:
@@ -162,7 +164,7 @@ class Console:
         loop = asyncio.get_event_loop()
         while True:
             try:
-                data = await loop.sock_recv(sock, CHUNK)
+                data = await loop.sock_recv(sock, FRAME_CHUNK)
             except OSError:
                 data = b""
             if not data:
@@ -306,7 +308,7 @@ class ConsoleViewer:
         self._pending: List[Dict[str, str]] = []  # notices before run()
         self._gone_reason = ""
         self._wake_event: Optional[asyncio.Event] = None
-        self._tasks: List[asyncio.Task] = []
+        self._children: Optional[Nursery] = None
         self._last_ro_notice = 0.0
 
     def __repr__(self) -> str:
@@ -331,8 +333,8 @@ class ConsoleViewer:
         self.ended = True
         if self._stream is not None:
             safe_reset(self._stream, ResetCode.CHANNEL_GONE, reason)
-        for t in self._tasks:
-            t.cancel()
+        if self._children is not None:
+            self._children.cancel()
         self.console.remove_viewer(self)
 
     async def run(self, stream: Any) -> None:
@@ -344,17 +346,17 @@ class ConsoleViewer:
         for fields in self._pending:
             safe_notify(stream, fields)
         self._pending = []
-        out = asyncio.ensure_future(self._pump_out())
-        inp = asyncio.ensure_future(self._pump_in())
-        self._tasks = [out, inp]
         try:
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            if inp.done() and not inp.cancelled() and inp.exception() is None:
-                await safe_close(stream)  # the client half-closed and we lingered
+            async with Nursery() as children:
+                self._children = children  # for gone()
+                children.start(self._pump_out())
+                inp = children.start(self._pump_in())
+                await children.wait_any()
+                if inp.done() and not inp.cancelled() and inp.exception() is None:
+                    await safe_close(stream)  # the client half-closed and we lingered
+        except _StreamOver:
+            pass  # the stream was reset or the session ended while reading it
         finally:
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
             if not self.ended:
                 self.ended = True
                 self.console.remove_viewer(self)
@@ -371,7 +373,7 @@ class ConsoleViewer:
                     self._wake_event.clear()
                     await self._wake_event.wait()
                     continue
-                chunk = ring.read(self.pos, CHUNK)
+                chunk = ring.read(self.pos, FRAME_CHUNK)
                 await self._stream.write(chunk)
                 self.pos += len(chunk)
         except STREAM_ERRORS:
@@ -381,7 +383,7 @@ class ConsoleViewer:
         console = self.console
         try:
             while True:
-                data = await self._stream.read(CHUNK)
+                data = await self._stream.read(FRAME_CHUNK)
                 if not data:
                     break
                 if console.writer is self:

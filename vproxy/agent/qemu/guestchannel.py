@@ -31,8 +31,10 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
+from vproxy.net.tasks import Nursery
+
 from . import chardev
-from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, refuse, safe_close, safe_notify, safe_reset
+from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ended_with, refuse, safe_close, safe_notify
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
@@ -227,7 +229,7 @@ class GuestChannel(GoneOnQemuExit):
         self._gone_reason = ""
         self._guest_closed = asyncio.Event()
         self._last_guest_data = time.monotonic()
-        self._tasks: List[asyncio.Task] = []
+        self._children: Optional[Nursery] = None
         self._pending: List[Dict[str, str]] = []  # notices before run()
 
     def __repr__(self) -> str:
@@ -245,28 +247,24 @@ class GuestChannel(GoneOnQemuExit):
             safe_notify(self._stream, fields)
 
     async def run(self, stream: Any) -> None:
-        self._stream = stream
         try:
-            if self._gone_reason:
-                safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
+            if not self._adopt(stream):
                 return
             for fields in self._pending:
                 safe_notify(stream, fields)
             self._pending = []
-            to_client = asyncio.ensure_future(self._copy_out())
-            to_guest = asyncio.ensure_future(self._copy_in())
-            self._tasks = [to_client, to_guest]
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            if to_guest.done() and not to_guest.cancelled() and to_guest.result() == "eof":
-                await self._linger(to_client)
-                if not self._gone_reason:
-                    await safe_close(stream)
-            elif to_client.done() and not to_client.cancelled() and to_client.result() == "eof":
-                await self._qemu_closed()
+            async with Nursery() as children:
+                self._children = children  # for gone()
+                to_client = children.start(self._copy_out())
+                to_guest = children.start(self._copy_in())
+                await children.wait_any()
+                if ended_with(to_guest, "eof"):
+                    await self._linger(to_client)
+                    if not self._gone_reason:
+                        await safe_close(stream)
+                elif ended_with(to_client, "eof"):
+                    await self._qemu_closed()
         finally:
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
             self._sock.close()
             if self.owner.holders.get(self.name) is self:
                 del self.owner.holders[self.name]
@@ -278,7 +276,7 @@ class GuestChannel(GoneOnQemuExit):
         loop = asyncio.get_event_loop()
         while True:
             try:
-                data = await loop.sock_recv(self._sock, CHUNK)
+                data = await loop.sock_recv(self._sock, FRAME_CHUNK)
             except OSError:
                 data = b""
             if not data:
@@ -294,7 +292,7 @@ class GuestChannel(GoneOnQemuExit):
         loop = asyncio.get_event_loop()
         try:
             while True:
-                data = await self._stream.read(CHUNK)
+                data = await self._stream.read(FRAME_CHUNK)
                 if not data:
                     return "eof"
                 await loop.sock_sendall(self._sock, data)

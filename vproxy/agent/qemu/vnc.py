@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Optional, Set
 
-from ._streams import CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ResetCode, copy_socket_to_stream, refuse, safe_close, safe_reset
+from vproxy.net.tasks import Nursery
+
+from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream, ended_with, refuse, safe_close
+from .chardev import socket_to_qemu
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
 
@@ -119,18 +122,10 @@ class VncService(MonitorOwner):
         try:
             if not await self.probe(monitor):
                 raise refuse(RefuseCode.UNAVAILABLE, self.reason)
-            ours, theirs = socket.socketpair()
-            try:
-                await monitor.execute_with_fd(theirs.fileno(), "add_client", lambda fdname: {
-                    "protocol": "vnc", "fdname": fdname, "skipauth": True})
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
+            ours = await socket_to_qemu(monitor, "add_client", lambda fdname: {
+                "protocol": "vnc", "fdname": fdname, "skipauth": True})
         except QemuError as e:
             raise refuse(RefuseCode.UNAVAILABLE, str(e)) from None
-        ours.setblocking(False)
         viewer = VncViewer(self, monitor, identity, ours)
         self.viewers.add(viewer)
         return viewer
@@ -153,32 +148,28 @@ class VncViewer(GoneOnQemuExit):
         self._sock = sock
         self._stream: Any = None
         self._gone_reason = ""
-        self._tasks: List[asyncio.Task] = []
+        self._children: Optional[Nursery] = None
 
     async def run(self, stream: Any) -> None:
-        self._stream = stream
         try:
-            if self._gone_reason:
-                safe_reset(stream, ResetCode.CHANNEL_GONE, self._gone_reason)
+            if not self._adopt(stream):
                 return
-            to_client = asyncio.ensure_future(copy_socket_to_stream(self._sock, stream))
-            to_qemu = asyncio.ensure_future(self._copy_in(stream))
-            self._tasks = [to_client, to_qemu]
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            if to_qemu.done() and not to_qemu.cancelled() and to_qemu.result() == "eof":
-                # The client half-closed; QEMU ends the connection in a moment.
-                await asyncio.wait([to_client], timeout=5.0)
-            if to_client.done() and not to_client.cancelled() and to_client.exception() is None:
-                # QEMU ended the VNC connection: normal, unless QEMU itself is gone.
-                if not await self._monitor.is_alive():
-                    self.gone(self._monitor.gone_message())
-                    return
-                await safe_close(stream)
-                await asyncio.wait([to_qemu], timeout=5.0)  # the client's half of the close
+            async with Nursery() as children:
+                self._children = children  # for gone()
+                to_client = children.start(copy_socket_to_stream(self._sock, stream))
+                to_qemu = children.start(self._copy_in(stream))
+                await children.wait_any()
+                if ended_with(to_qemu, "eof"):
+                    # The client half-closed; QEMU ends the connection in a moment.
+                    await asyncio.wait([to_client], timeout=5.0)
+                if ended_with(to_client, "eof"):
+                    # QEMU ended the VNC connection: normal, unless QEMU itself is gone.
+                    if not await self._monitor.is_alive():
+                        self.gone(self._monitor.gone_message())
+                        return
+                    await safe_close(stream)
+                    await asyncio.wait([to_qemu], timeout=5.0)  # the client's half of the close
         finally:
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
             self._sock.close()
             self.service.viewers.discard(self)
 
@@ -188,7 +179,7 @@ class VncViewer(GoneOnQemuExit):
         shared = SharedFlagFilter()
         try:
             while True:
-                data = await stream.read(CHUNK)
+                data = await stream.read(FRAME_CHUNK)
                 if not data:
                     break
                 await loop.sock_sendall(self._sock, shared.feed(data))
