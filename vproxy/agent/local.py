@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from vproxy.errors import UserError
 from vproxy.net.address import clear_stale_socket
@@ -44,7 +44,7 @@ class LocalAgentSession(AgentSession):
             self.peer_identity = peer_identity(transport.get_extra_info("socket"))
         except (OSError, UserError) as e:
             log.warning("refused local connection: no peer credentials: %s", e)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         super().connection_made(transport)
 

@@ -246,7 +246,7 @@ class MetricsServer:
     def __init__(self, agent: Any, address: str):
         self.agent = agent
         self.kind, self.where = parse_metrics_address(address)
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._server: Optional["asyncio.base_events.Server"] = None
         self._watcher: Optional[asyncio.Task] = None
         self._connections = 0
 

@@ -6,7 +6,7 @@ A session admitted here hands every stream its client opens to its Agent
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, cast
 
 from vproxy import mux
 from vproxy.net.address import format_sockname
@@ -42,7 +42,7 @@ class AgentSession(Session):
         except tls.TlsError as e:
             log.warning("refused connection from %s: %s", peer, e)
             self.agent.metrics.handshake_failed()
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         self.name = "session %s from %s" % (self.peer_identity, self.peer_label(peer))
         agent = self.agent

@@ -48,7 +48,7 @@ def _open_log(target: LogTarget) -> Tuple[Optional[BinaryIO], bool]:
         return None, False
     if hasattr(target, "write"):
         return target, False  # type: ignore[return-value]
-    return open(os.fspath(target), "ab"), True  # type: ignore[arg-type]
+    return open(os.fspath(target), "ab"), True
 
 
 class AsyncStream(AsyncExpect):
@@ -182,7 +182,7 @@ class AsyncListener:
         self.channel = channel
         self.mode = mode
         self.connections = 0
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._server: Optional["asyncio.base_events.Server"] = None
         self._tasks: Set["asyncio.Task[Any]"] = set()
 
     async def _start(self, host: str, port: int) -> None:

@@ -46,8 +46,8 @@ def resolve_target_for_api(address: Optional[str] = None, *, cert: Optional[Path
         address, load_client_config(os.environ.get(ENV_PATH)), environment=environment_settings(),
         arguments={k: os.fspath(v) for k, v in arguments.items() if v}, wording=API_WORDING)
     tls = target.tls
-    for what, name in (("certificate", "cert"), ("key", "key"), ("CA certificate", "ca"), ("CRL", "crl")):
-        path = tls.get(name)
+    for what, path in (("certificate", tls.get("cert")), ("key", tls.get("key")),
+                       ("CA certificate", tls.get("ca")), ("CRL", tls.get("crl"))):
         if path and not Path(path).is_file():
             raise UserError("%s %s: no such file" % (what, path))
     return target

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 try:
     import pytest
 except ImportError:  # vproxy.pyz on a bare host: nothing to plug into
-    pytest = None  # type: ignore[assignment]
+    pytest = None
 
 #: option name -> (environment variable, metavar, help)
 OPTIONS = {

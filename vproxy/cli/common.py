@@ -8,7 +8,7 @@ from click.core import ParameterSource
 
 from vproxy.client.config import TLS_KEYS, ClientConfig, Target, load_client_config
 from vproxy.client.credentials import resolve_target
-from vproxy.security.certfiles import Wording, certificate_files
+from vproxy.security.certfiles import TlsFiles, Wording, certificate_files
 
 EXIT_USAGE = 2  # a user error: bad option, missing file, refused by the agent
 EXIT_UNREACHABLE = 3  # the agent could not be reached, or the session died
@@ -67,7 +67,7 @@ SERVER_WORDING = replace(
 
 
 def resolve_tls(args: Dict[str, Optional[str]], server: bool,
-                host: Optional[str] = None) -> Dict[str, Optional[str]]:
+                host: Optional[str] = None) -> TlsFiles:
     """Turn the TLS options into cert/key/ca/crl paths, or a UserError saying what's missing.
 
     For a client, the client configuration file (--client-config) comes first: its

@@ -8,11 +8,13 @@ the file again on SIGHUP with the same command line laid over it.
 """
 
 import logging
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, Optional, Sequence
 
 import click
 
 from vproxy.errors import UserError
+from vproxy.security.certfiles import TlsFiles
+
 from .common import resolve_tls, run_async, tls_options
 
 
@@ -108,7 +110,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
     local_socket = local_socket or settings.get("local_socket")
     if local_socket and not (listen or settings.get("listen")
                              or any(tls_args.get(k) for k in ("identity", "cert", "key"))):
-        paths = {"cert": "", "key": "", "ca": "", "crl": None}  # local mode only: no TLS
+        paths: TlsFiles = {"cert": "", "key": "", "ca": "", "crl": None}  # local mode only: no TLS
     else:
         paths = resolve_tls(tls_args, server=True)
     vm_list = list(file_config.vms)
@@ -246,7 +248,7 @@ RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log
 
 def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Sequence[str],
                   vm_specs: Sequence[str], drain_timeout: Optional[float], tls_enabled: bool,
-                  started: Dict[str, Any], overridden: Sequence[str] = ()) -> Callable[[], Any]:
+                  started: Dict[str, Any], overridden: Collection[str] = ()) -> Callable[[], Any]:
     """What `serve` gives run_agent for SIGHUP: read the config file again and lay this
     command line's options over it, as at start; returns vproxy.agent.reload.Settings.
     started: the file's settings at start, overridden: the keys the command line set

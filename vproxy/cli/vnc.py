@@ -95,8 +95,9 @@ async def run_vnc(target, vm: str, listen, viewer: Optional[Tuple[str, str]]) ->
                 proc.terminate()
                 await proc.wait()
                 return 0
-            if proc.returncode != 0:
-                say("the viewer exited with status %d" % proc.returncode)
+            status = viewer_done.result()  # the viewer's exit status
+            if status != 0:
+                say("the viewer exited with status %d" % status)
                 return 1
             return 0
         finally:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from vproxy.errors import UserError
+from vproxy.security.certfiles import TlsFiles
 from vproxy.tomlfile import load_toml
 
 TLS_KEYS = ("identity", "cert", "key", "ca", "crl", "pki_dir")
@@ -132,7 +133,7 @@ class Target:
 
     name: str  # what the user typed (a host name from the file, or an address)
     address: str  # HOST[:PORT], or unix:/PATH
-    tls: Dict[str, Optional[str]] = field(default_factory=dict)  # cert, key, ca, crl
+    tls: TlsFiles = field(default_factory=lambda: TlsFiles())  # empty in local mode
     server_name: Optional[str] = None
 
     @property

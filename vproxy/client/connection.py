@@ -118,7 +118,7 @@ async def connect(
     host, port = parse_address(address)
     context = tls.client_context(cert, key, ca, crl)
     try:
-        _, session = await asyncio.wait_for(
+        tls_transport, session = await asyncio.wait_for(
             transport.create_connection(
                 lambda: Session(client=True, config=config, name="session to %s" % address),
                 host, port, context, server_name or host, handshake_timeout=timeout,
@@ -135,7 +135,7 @@ async def connect(
                         hint="is `vproxy serve` running there?") from None
     if session.closed.done():  # TLS 1.3: the agent's refusal may already have been read
         raise UserError("the agent at %s refused the session: %s" % (address, session.close_reason))
-    ssl_object = session.transport.get_extra_info("ssl_object")
+    ssl_object = tls_transport.get_extra_info("ssl_object")
     try:
         tls.check_alpn(ssl_object)
     except tls.AlpnMismatch as e:

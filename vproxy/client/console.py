@@ -188,7 +188,7 @@ class ConsoleClient:
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop,
                          raw: Optional[terminal.RawMode]) -> List[int]:
-        handled = []
+        handled: List[int] = []
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self._on_signal, sig)

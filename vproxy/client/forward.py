@@ -186,6 +186,7 @@ class Forwarder:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # a handler of asyncio.start_server runs in a task
         self._tasks.add(task)
         self.connections += 1
         number = self.connections

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any, Coroutine, List, Optional, Type, TypeVar
+from typing import Any, Coroutine, List, Literal, Optional, Type, TypeVar
 
 log = logging.getLogger("vproxy.tasks")
 
@@ -61,7 +61,7 @@ class Nursery:
         return self
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]],
-                        exc: Optional[BaseException], tb: Optional[TracebackType]) -> bool:
+                        exc: Optional[BaseException], tb: Optional[TracebackType]) -> Literal[False]:
         for child in self._children:
             child.cancel()
         try:

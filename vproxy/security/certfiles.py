@@ -18,11 +18,20 @@ Rules this module keeps:
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional, TypedDict
 
 from vproxy.errors import UserError
 
 from .pki import CA_CERT, CRL, ISSUED, default_pki_dir
+
+
+class TlsFiles(TypedDict, total=False):
+    """The files a TLS context is made of; all four for TLS, none for local mode."""
+
+    cert: str
+    key: str
+    ca: str
+    crl: Optional[str]  # None: no CRL
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class Wording:
 
 
 def certificate_files(settings: Mapping[str, Optional[str]], *, server: bool,
-                      wording: Wording) -> Dict[str, Optional[str]]:
+                      wording: Wording) -> TlsFiles:
     """identity / cert / key / ca / crl / pki_dir settings -> the cert, key, ca and crl
     paths (crl may be None), or a UserError saying what is missing."""
     pki_dir = Path(settings.get("pki_dir") or default_pki_dir()).expanduser()

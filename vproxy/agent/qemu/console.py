@@ -55,7 +55,10 @@ from typing import Any, Dict, List, Optional
 from vproxy.net.tasks import Nursery
 
 from . import chardev
-from ._streams import FRAME_CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close, safe_notify, safe_reset
+from ._streams import (
+    FRAME_CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close,
+    safe_notify, safe_reset,
+)
 from .errors import QemuError
 from .monitor import MonitorOwner, VMMonitor
 from .ring import RingBuffer

@@ -34,7 +34,10 @@ from typing import Any, Dict, List, Optional
 from vproxy.net.tasks import Nursery
 
 from . import chardev
-from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ended_with, refuse, safe_close, safe_notify
+from ._streams import (
+    FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, ended_with, refuse, safe_close,
+    safe_notify,
+)
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor

@@ -309,7 +309,7 @@ class VMMonitor:
         client = QMPClient(self.name)
         client.logger, noise = _qmp_logger(self.name)
         # qemu.qmp's default listener queues every event forever: make it take none.
-        client.events.accept = lambda event: False  # type: ignore[assignment]
+        client.events.accept = lambda event: False  # type: ignore[method-assign]
         client.register_listener(_Dispatcher(self._on_event))
         noise.connecting = True
         try:

@@ -27,7 +27,10 @@ from typing import Any, Dict, Optional, Set
 
 from vproxy.net.tasks import Nursery
 
-from ._streams import FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream, ended_with, refuse, safe_close
+from ._streams import (
+    FRAME_CHUNK, STREAM_ERRORS, GoneOnQemuExit, RefuseCode, copy_socket_to_stream,
+    ended_with, refuse, safe_close,
+)
 from .chardev import socket_to_qemu
 from .errors import QemuError, QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
