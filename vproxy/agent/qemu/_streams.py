@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, AsyncIterator, Dict, Mapping, Optional
 
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError
 from vproxy.mux import MAX_PAYLOAD, RefuseCode, ResetCode
@@ -26,7 +26,7 @@ FRAME_CHUNK = MAX_PAYLOAD
 STREAM_ERRORS = (StreamResetError, SessionClosed, ConnectionError)
 
 __all__ = ["RefuseCode", "ResetCode", "FRAME_CHUNK", "STREAM_ERRORS", "refuse", "int_option",
-           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream", "ended_with"]
+           "safe_notify", "safe_reset", "safe_close", "copy_socket_to_stream", "socket_chunks", "ended_with"]
 
 
 def refuse(code: int, message: str) -> ChannelRefused:
@@ -69,22 +69,30 @@ async def safe_close(stream: Any) -> None:
         pass
 
 
-async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> str:
-    """Copy until EOF on *sock*: "eof" then, "error" if the stream broke first (an end
-    like any other for a pump in a Nursery, not an error that would cancel its sibling
-    before the channel has looked)."""
+async def socket_chunks(sock: socket.socket) -> AsyncIterator[bytes]:
+    """What QEMU writes to the agent's end of a chardev socket, a frame's worth at a
+    time, until EOF; an error on the socket (QEMU went away) is an EOF too."""
     loop = asyncio.get_event_loop()
     while True:
         try:
             data = await loop.sock_recv(sock, FRAME_CHUNK)
         except OSError:
-            data = b""
+            return
         if not data:
-            return "eof"
+            return
+        yield data
+
+
+async def copy_socket_to_stream(sock: socket.socket, stream: Any) -> str:
+    """Copy until EOF on *sock*: "eof" then, "error" if the stream broke first (an end
+    like any other for a pump in a Nursery, not an error that would cancel its sibling
+    before the channel has looked)."""
+    async for data in socket_chunks(sock):
         try:
             await stream.write(data)
         except STREAM_ERRORS:
             return "error"
+    return "eof"
 
 
 def ended_with(task: "asyncio.Task[str]", outcome: str) -> bool:

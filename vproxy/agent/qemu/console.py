@@ -57,7 +57,7 @@ from vproxy.net.tasks import Nursery
 from . import chardev
 from ._streams import (
     FRAME_CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close,
-    safe_notify, safe_reset,
+    safe_notify, safe_reset, socket_chunks,
 )
 from .errors import QemuError
 from .monitor import MonitorOwner, VMMonitor
@@ -164,14 +164,7 @@ class Console:
             self._received(data)
 
     async def _read_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_event_loop()
-        while True:
-            try:
-                data = await loop.sock_recv(sock, FRAME_CHUNK)
-            except OSError:
-                data = b""
-            if not data:
-                break
+        async for data in socket_chunks(sock):
             self._received(data)
         # QEMU closed our end: usually it exited (the monitor will say so in a moment),
         # else someone changed the chardev behind our back.
