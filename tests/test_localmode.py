@@ -21,7 +21,7 @@ from support.aio import run
 from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm
 from vproxy.agent.acl import Acl, Rule
 from vproxy.agent.server import Agent, AgentConfig
-from vproxy.client.connection import Client
+from vproxy.client.connection import AgentClient
 from vproxy.errors import ChannelRefused, UserError
 from vproxy.net.peercred import LocalIdentity, identity_for_uid
 from vproxy.client.local import connect_local
@@ -125,11 +125,11 @@ def connect_as_uid(path: str, uid: int) -> socket.socket:
     return socket.socket(fileno=fds[0])
 
 
-async def client_on(sock: socket.socket) -> Client:
+async def client_on(sock: socket.socket) -> AgentClient:
     loop = asyncio.get_event_loop()
     _, session = await loop.create_unix_connection(lambda: Session(client=True), sock=sock)
     await session.ping()
-    return Client(session, "unix")
+    return AgentClient(session, "unix")
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")

@@ -242,9 +242,9 @@ class AsyncListener:
 
 
 class AsyncClient:
-    """A session with one agent (async). ``raw`` is the vproxy.client.Client underneath."""
+    """A session with one agent (async). ``raw`` is the vproxy.client.AgentClient underneath."""
 
-    def __init__(self, raw: "_client.Client"):
+    def __init__(self, raw: "_client.AgentClient"):
         self.raw = raw
         self.address = raw.address
 

@@ -81,7 +81,7 @@ def resolve_tls(args: Dict[str, Optional[str]], server: bool,
 
 def resolve_client(host: str, args: Dict[str, Optional[str]]) -> Target:
     """HOST (a name from the client config, HOST[:PORT], or unix:/PATH) and the TLS
-    options -> a vproxy.client.config.Target; `await target.connect()` gives a Client."""
+    options -> a vproxy.client.config.Target; `await target.connect()` gives an AgentClient."""
     environment, flags = _split_by_source(args, TLS_KEYS)
     return resolve_target(host, client_config(args), environment=environment, arguments=flags,
                           wording=CLIENT_WORDING)

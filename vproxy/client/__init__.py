@@ -1,6 +1,6 @@
 """The client side: connecting to agents and using their channels from this machine.
 
-connection (Client, connect), local (over the agent's unix socket), config (the client's
+connection (AgentClient, connect), local (over the agent's unix socket), config (the client's
 hosts file), credentials, forward (local listeners bridged to streams), console (`vproxy
 console`), terminal, vncviewer, bench. Nothing here imports the agent side.
 """
@@ -9,9 +9,9 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    """`from vproxy.client import connect, Client`, as docs/API.md documents, without
+    """`from vproxy.client import connect, AgentClient`, as docs/API.md documents, without
     making every `import vproxy.client.X` load asyncio and ssl (lazy: start-up time)."""
-    if name in ("connect", "Client"):
+    if name in ("connect", "AgentClient"):
         from vproxy.client import connection  # lazy: asyncio and ssl on first use
 
         return getattr(connection, name)

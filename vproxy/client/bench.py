@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import List
 
-from .connection import Client
+from .connection import AgentClient
 from vproxy.mux import Priority
 
 BLOCK = 256 * 1024
@@ -33,7 +33,7 @@ class BenchResult:
         return asdict(self)
 
 
-async def upload(client: Client, seconds: float) -> float:
+async def upload(client: AgentClient, seconds: float) -> float:
     stream = await client.open("", "sink")
     block = os.urandom(BLOCK)
     sent = 0
@@ -50,7 +50,7 @@ async def upload(client: Client, seconds: float) -> float:
     return sent / elapsed / 1e6
 
 
-async def download(client: Client, seconds: float) -> float:
+async def download(client: AgentClient, seconds: float) -> float:
     stream = await client.open("", "source")
     received = 0
     start = time.perf_counter()
@@ -65,7 +65,7 @@ async def download(client: Client, seconds: float) -> float:
     return received / elapsed / 1e6
 
 
-async def round_trips(client: Client, seconds: float, max_samples: int = 20000) -> List[float]:
+async def round_trips(client: AgentClient, seconds: float, max_samples: int = 20000) -> List[float]:
     stream = await client.open("", "echo", priority=Priority.INTERACTIVE)
     samples: List[float] = []
     deadline = time.perf_counter() + seconds
@@ -78,7 +78,7 @@ async def round_trips(client: Client, seconds: float, max_samples: int = 20000) 
     return samples
 
 
-async def concurrent_streams(client: Client, count: int, size: int = 64 * 1024) -> int:
+async def concurrent_streams(client: AgentClient, count: int, size: int = 64 * 1024) -> int:
     async def one(index: int) -> bool:
         payload = os.urandom(size)
         stream = await client.open("", "echo")
@@ -102,7 +102,7 @@ def percentile(samples: List[float], fraction: float) -> float:
     return ordered[index]
 
 
-async def run(client: Client, seconds: float = 2.0, streams: int = 100) -> BenchResult:
+async def run(client: AgentClient, seconds: float = 2.0, streams: int = 100) -> BenchResult:
     up = await upload(client, seconds)
     down = await download(client, seconds)
     samples = await round_trips(client, min(seconds, 2.0))

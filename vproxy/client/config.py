@@ -141,7 +141,7 @@ class Target:
         return is_local_address(self.address)
 
     async def connect(self, **kw: Any):
-        """A vproxy.client.Client for this agent."""
+        """A vproxy.client.AgentClient for this agent."""
         if self.local:
             from .local import connect_local  # lazy: asyncio and ssl only to connect
 

@@ -25,7 +25,7 @@ log = logging.getLogger("vproxy.client")
 CONNECT_TIMEOUT = 10.0
 
 
-class Client:
+class AgentClient:
     """A live session with one agent."""
 
     def __init__(self, session: Session, address: str):
@@ -97,7 +97,7 @@ class Client:
         self.session.close("client closed the session")
         await self.session.wait_closed()
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> "AgentClient":
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -113,7 +113,7 @@ async def connect(
     server_name: Optional[str] = None,
     timeout: float = CONNECT_TIMEOUT,
     config: Optional[mux.Config] = None,
-) -> Client:
+) -> AgentClient:
     """Connect to an agent over mutual TLS. Errors are UserError with one clear sentence."""
     host, port = parse_address(address)
     context = tls.client_context(cert, key, ca, crl)
@@ -149,4 +149,4 @@ async def connect(
     except (SessionClosed, asyncio.TimeoutError, ConnectionError) as e:
         reason = session.close_reason or str(e)
         raise UserError("the agent at %s refused the session: %s" % (address, reason)) from None
-    return Client(session, address)
+    return AgentClient(session, address)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Tuple
 
 from . import terminal
-from .connection import Client, connect
+from .connection import AgentClient, connect
 from vproxy.errors import ChannelRefused, SessionClosed, StreamResetError, UserError
 from vproxy.mux import RefuseCode, ResetCode
 from vproxy.net.session import Stream
@@ -76,7 +76,7 @@ class ConsoleSettings:
     interactive: Optional[bool] = None  # None: stdin and stdout are both terminals
     server_name: Optional[str] = None  # TLS name of the agent; None: the host of address
     #: makes a new session (for each reconnection); None: connect(address, **tls)
-    connector: Optional[Callable[[], Awaitable[Client]]] = None
+    connector: Optional[Callable[[], Awaitable[AgentClient]]] = None
 
     @property
     def channel(self) -> str:
@@ -99,7 +99,7 @@ class ConsoleClient:
             replay = str(DEFAULT_REPLAY_TTY) if self.interactive else "0"
         self.replay = replay
         self.escape = settings.escape if self.interactive else None
-        self._client: Optional[Client] = None
+        self._client: Optional[AgentClient] = None
         self._stream: Optional[Stream] = None
         self._pos = 0  # offset of the next byte not printed yet
         self._start = 0  # ACCEPT info start of the current stream
@@ -218,7 +218,7 @@ class ConsoleClient:
 
     # ------------------------------------------------------------------ attaching
 
-    async def _ensure_client(self) -> Client:
+    async def _ensure_client(self) -> AgentClient:
         client = self._client
         if client is not None and not client.session.closed.done():
             return client

@@ -6,7 +6,7 @@ The agent knows this client by its uid (SO_PEERCRED); see vproxy.agent.local.
 import asyncio
 from typing import Any, Optional
 
-from vproxy.client.connection import Client
+from vproxy.client.connection import AgentClient
 from vproxy.errors import SessionClosed, UserError
 from vproxy.net.peercred import peer_identity
 from vproxy.net.session import Session
@@ -14,7 +14,7 @@ from vproxy.net.session import Session
 
 async def connect_local(path: str, timeout: float = 10.0, config: Any = None,
                         server_name: Optional[str] = None):
-    """A vproxy.client.Client over the agent's unix socket: no TLS, no certificate."""
+    """A vproxy.client.AgentClient over the agent's unix socket: no TLS, no certificate."""
     address = "unix:%s" % path
     loop = asyncio.get_event_loop()
     try:
@@ -41,4 +41,4 @@ async def connect_local(path: str, timeout: float = 10.0, config: Any = None,
     except (SessionClosed, asyncio.TimeoutError, ConnectionError) as e:
         reason = session.close_reason or str(e) or "no answer"
         raise UserError("the agent at %s refused the session: %s" % (address, reason)) from None
-    return Client(session, address)
+    return AgentClient(session, address)

@@ -70,7 +70,7 @@ SERIAL_TYPES = ("isa-serial", "pci-serial", "usb-serial", "pl011")
 DEFAULT_RING_SIZE = 1 << 20
 DEFAULT_LINGER = 1.0
 
-# Console.status values
+# ManagedConsole.status values
 ATTACHED = "attached"
 DETACHED = "detached"  # we held it but lost the connection while QEMU lives on
 UNAVAILABLE = "unavailable"  # cannot be taken over (reason says why)
@@ -78,7 +78,7 @@ UNAVAILABLE = "unavailable"  # cannot be taken over (reason says why)
 _HOW_TO = "start QEMU with -serial null, or -chardev null,id=%s -serial chardev:%s"
 
 
-class Console:
+class ManagedConsole:
     """One serial port of one VM: the agent's end of its chardev, ring, log, viewers."""
 
     def __init__(self, vm: str, chardev_id: str, *, ring_size: int = DEFAULT_RING_SIZE,
@@ -100,7 +100,7 @@ class Console:
         self._monitor: Optional[VMMonitor] = None
 
     def __repr__(self) -> str:
-        return "<Console %s/%s %s @%d>" % (self.vm, self.id, self.status, self.ring.end)
+        return "<ManagedConsole %s/%s %s @%d>" % (self.vm, self.id, self.status, self.ring.end)
 
     @property
     def offset(self) -> int:
@@ -292,7 +292,7 @@ class Console:
 class ConsoleViewer:
     """One stream watching (and maybe writing to) a console: the provider's Channel."""
 
-    def __init__(self, console: Console, identity: Any, wants_write: bool):
+    def __init__(self, console: ManagedConsole, identity: Any, wants_write: bool):
         self.console = console
         self.identity = identity
         self.wants_write = wants_write
@@ -416,7 +416,7 @@ class ConsoleSet(MonitorOwner):
         self.ring_size = ring_size
         self.log_dir = log_dir
         self.linger = linger
-        self.consoles: Dict[str, Console] = {}  # in port order: the first is "console"
+        self.consoles: Dict[str, ManagedConsole] = {}  # in port order: the first is "console"
         self._monitor: Optional[VMMonitor] = None
 
     def __repr__(self) -> str:
@@ -429,7 +429,7 @@ class ConsoleSet(MonitorOwner):
         devices.sort(key=lambda d: (d.type != "isa-serial", d.path.rsplit("/", 1)[0],
                                     _index(d.path)))
         backends = await chardev.chardev_backends(monitor)
-        consoles: Dict[str, Console] = {}
+        consoles: Dict[str, ManagedConsole] = {}
         for dev in devices:
             cid = str(dev.props["chardev"])
             console = self.consoles.get(cid) or self._new_console(cid)
@@ -440,14 +440,14 @@ class ConsoleSet(MonitorOwner):
                 old.close()
         self.consoles = consoles
 
-    def _new_console(self, cid: str) -> Console:
+    def _new_console(self, cid: str) -> ManagedConsole:
         log_path = None
         if self.log_dir:
             log_path = os.path.join(self.log_dir, "%s.%s.log" % (self.vm, cid))
-        return Console(self.vm, cid, ring_size=self.ring_size, log_path=log_path,
+        return ManagedConsole(self.vm, cid, ring_size=self.ring_size, log_path=log_path,
                        linger=self.linger)
 
-    async def _take_over(self, monitor: VMMonitor, console: Console, filename: str) -> None:
+    async def _take_over(self, monitor: VMMonitor, console: ManagedConsole, filename: str) -> None:
         kind = chardev.backend_kind(filename)
         cid = console.id
         if kind == chardev.MUX:
@@ -473,7 +473,7 @@ class ConsoleSet(MonitorOwner):
         for console in self.consoles.values():
             console.detach(reason)
 
-    async def get(self, name: Optional[str]) -> Console:
+    async def get(self, name: Optional[str]) -> ManagedConsole:
         """The console *name* (chardev id, or serialN for the N-th port), or the first."""
         if not self.consoles:
             raise refuse(RefuseCode.NO_SUCH_CHANNEL,
