@@ -75,6 +75,7 @@ class Wheel(NamedTuple):
     arch: str = ""             # platform.machine() of the target: x86_64, aarch64
     abi: str = ""              # abi3, cp39...
     python: str = ""           # --python-version for pip (3.9.2: cryptography excludes 3.9.0/1)
+    skip: Tuple[str, ...] = ()  # files of the wheel's packages left out of the archive
 
 
 # The runtime dependencies. click 8.1.8 is the last click that supports Python 3.9.
@@ -82,7 +83,10 @@ VENDOR: Tuple[Wheel, ...] = (
     Wheel("click", "8.1.8", "click-8.1.8-py3-none-any.whl",
           "63c132bbbed01578a06712a2d1f497bb62d9c1c0d329b7903a866228027263b2", ("click",)),
     Wheel("qemu.qmp", "0.0.6", "qemu_qmp-0.0.6-py3-none-any.whl",
-          "5d7c5af0e9de427696e3bf72e333965c3a697929f77f6b7ddc30c989fc7b539b", ("qemu/qmp",)),
+          "5d7c5af0e9de427696e3bf72e333965c3a697929f77f6b7ddc30c989fc7b539b", ("qemu/qmp",),
+          # qemu.qmp's interactive tools (qmp-shell, qmp-tui): no vproxy code imports them,
+          # the .pyz offers no way to start them, and qmp-tui needs urwid (13 KiB less)
+          skip=("qemu/qmp/qmp_shell.py", "qemu/qmp/qmp_tui.py")),
     # the agent's config file is TOML; Python 3.11+ has tomllib, 3.9 and 3.10 use this
     Wheel("tomli", "2.0.1", "tomli-2.0.1-py3-none-any.whl",
           "939de3e7a6161af0c887ef91b7d41a53e7c5a1ca976325f429cb46ea9bc30ecc", ("tomli",)),
@@ -261,7 +265,8 @@ def _wheel_files(path: Path, wheel: Wheel) -> Dict[str, bytes]:
                 elif _LICENSE_RE.match(leaf) or (len(parts) > 2 and parts[1] == "licenses"):
                     out[name] = z.read(info)
                 continue
-            if any(name.startswith(p + "/") for p in wheel.packages) and _wanted(parts):
+            if (any(name.startswith(p + "/") for p in wheel.packages) and _wanted(parts)
+                    and name not in wheel.skip):
                 out[name] = z.read(info)
     for p in wheel.packages:
         if not any(n.startswith(p + "/") for n in out):
