@@ -43,7 +43,7 @@ from vproxy.agent.acl import Acl, Rule
 from vproxy.agent.server import Agent, AgentConfig
 from vproxy.api.expect import printable
 from vproxy.errors import UserError, VproxyError
-from vproxy.guests.bootsector import build_boot_disk
+from vproxy.guests.bootsector import BANNER, build_boot_disk
 from vproxy.security import pki
 
 QEMU = "qemu-system-x86_64"
@@ -107,6 +107,7 @@ class DemoVM:
             "-chardev", "null,id=serial0", "-serial", "chardev:serial0",
             "-vga", "std", "-vnc", "none",
             "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path,
+            "-S",  # paused until the agent holds the console (resume_prelaunch): no byte lost
         ]
         self.proc: Optional[subprocess.Popen] = None
 
@@ -265,7 +266,8 @@ class Demo:
         f = self.files
         config = AgentConfig(listen_host="127.0.0.1", listen_port=0, cert=f["server_cert"],
                              key=f["server_key"], ca=f["ca"], crl=f["crl"],
-                             vms=[(VM_NAME, str(self.vm.qmp_path))])  # type: ignore[union-attr]
+                             vms=[(VM_NAME, str(self.vm.qmp_path))],  # type: ignore[union-attr]
+                             resume_prelaunch=True)
         agent = Agent(config, acl=Acl([Rule((CLIENT_NAME,), ("*",), ("*",), ("force", "hotplug"))]))
         await agent.start()
         self.agent_started = True
@@ -297,9 +299,14 @@ class Demo:
             ssl_object.version() if ssl_object else "TLS", CLIENT_NAME,
             str(session.peer_identity), rtt * 1000))
 
-        console = await client.console(VM_NAME, timeout=STEP_TIMEOUT)
+        # replay="all": the guest's banner (kept from its first byte: -S and
+        # resume_prelaunch) says it is listening. Typed before that, the first byte was
+        # lost when a slow TCG boot on a busy machine set up its UART (which clears the
+        # receive FIFO) after the byte had arrived.
+        console = await client.console(VM_NAME, replay="all", timeout=STEP_TIMEOUT)
         try:
             self.step("console", "attached to %s as its writer (mode %s)" % (console.name, console.mode))
+            await console.expect(BANNER)
             await console.sendline(TYPED)
             self.step("", "you typed:   %s" % TYPED)
             await console.expect(TYPED.upper().encode() + b"\r\n")
