@@ -8,6 +8,7 @@
     audit_log = "/var/log/vproxy/audit.log"
     local_socket = "/run/vproxy/agent.sock"   # also serve local users, known by uid
     resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
+    qmp = "exclusive"               # "shared": connect per command, poll (sockets others use)
     builtin_channels = "acl"        # sink/source/echo: "everyone" (default), "acl", "off"
 
     [[vm]]
@@ -37,8 +38,10 @@ KEYS: Dict[str, Any] = {  # key -> its type, or a tuple of types, for isinstance
     "max_sessions_per_address": int,
     "max_streams": int, "vm": list, "allow": list, "local_socket": str,
     "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
-    "builtin_channels": str,
+    "builtin_channels": str, "qmp": str,
 }
+
+QMP_MODES = ("exclusive", "shared")  # vproxy.agent.qemu.monitor's, without importing qemu.qmp
 
 
 @dataclass
@@ -86,6 +89,9 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
     if out.settings.get("builtin_channels", "everyone") not in BUILTIN_POLICIES:
         raise UserError("%s: builtin_channels must be \"everyone\", \"acl\" or \"off\", not %r"
                         % (path, out.settings["builtin_channels"]))
+    if out.settings.get("qmp", "exclusive") not in QMP_MODES:
+        raise UserError("%s: qmp must be \"exclusive\" or \"shared\", not %r (the QMP socket of a "
+                        "[[vm]] is its own qmp = \"/path\")" % (path, out.settings["qmp"]))
     if out.settings.get("log_format", "text") not in ("text", "json"):
         raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
     return out

@@ -51,6 +51,12 @@ from .common import resolve_tls, run_async, tls_options
               help="Resume (QMP cont) a VM whose QEMU was started with -S and never ran, once "
                    "its consoles are taken over, so that boot output is captured from the "
                    "first byte. Not for VMs something else resumes (libvirt). [default: off]")
+@click.option("--qmp", "qmp_mode", type=click.Choice(["exclusive", "shared"]), default=None,
+              help="How the agent uses the VMs' QMP sockets (--vm, --vm-dir and the config "
+                   "file's VMs): \"exclusive\" holds one connection per VM and gets events; "
+                   "\"shared\" connects for each command and lets go at once, polling the VM's "
+                   "state every 2 s, for sockets something else also uses (Proxmox's "
+                   "/var/run/qemu-server/VMID.qmp). [default: exclusive]")
 @click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
               help="Refuse a client identity more than N concurrent sessions (GOAWAY "
                    "OVERLOADED, naming the identity and the limit). [default: no limit]")
@@ -70,7 +76,7 @@ from .common import resolve_tls, run_async, tls_options
               help="Also listen on the unix socket PATH, without TLS, for local users: the "
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
-          handshake_timeout, drain_timeout, metrics, resume_prelaunch, max_sessions_per_identity,
+          handshake_timeout, drain_timeout, metrics, resume_prelaunch, qmp_mode, max_sessions_per_identity,
           max_sessions_per_address, builtin_channels, log_format, audit_log, local_socket,
           **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
@@ -84,6 +90,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
     Examples:
       vproxy serve --identity vmhost1 --vm web1=/run/qemu/web1.qmp --allow alice
       vproxy serve --config /etc/vproxy/agent.toml
+      vproxy serve --identity vmhost1 --vm-dir /var/run/qemu-server --qmp shared
     """
     # lazy: the agent brings asyncio, ssl and QEMU's modules, which --help does without
     from vproxy.agent.acl import Rule
@@ -100,7 +107,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
                                  ("log_format", log_format), ("local_socket", local_socket),
                                  ("max_sessions_per_identity", max_sessions_per_identity),
                                  ("max_sessions_per_address", max_sessions_per_address),
-                                 ("builtin_channels", builtin_channels)) if v}
+                                 ("builtin_channels", builtin_channels), ("qmp", qmp_mode)) if v}
     if resume_prelaunch is not None:
         overridden.add("resume_prelaunch")
     for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
@@ -139,6 +146,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         builtin_channels=builtin_channels or settings.get("builtin_channels", "everyone"),
         resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
                           else settings.get("resume_prelaunch", False)),
+        qmp=qmp_mode or settings.get("qmp", "exclusive"),
         mux_config=mux_config(settings),
         local_socket=local_socket, **paths)
     reloader = make_reloader(config_path, cli_tls, allow, vms, drain_timeout, bool(paths["cert"]),
@@ -243,7 +251,7 @@ def _no_reloader():
 RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log_dir",
                 "audit_log", "handshake_timeout", "metrics", "log_format", "resume_prelaunch",
                 "max_sessions", "max_sessions_per_identity", "max_sessions_per_address",
-                "max_streams", "builtin_channels")
+                "max_streams", "builtin_channels", "qmp")
 
 
 def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Sequence[str],

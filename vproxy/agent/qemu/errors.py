@@ -5,6 +5,8 @@
           +-- VMGone            no QEMU answers (not started yet, exited, QMP lost)
           +-- QMPCommandError   QEMU answered a command with an error (command,
                                 error_class, desc)
+          +-- QMPBusy           a shared QMP socket (qmp = "shared") stayed held by
+                                another client for the whole wait
 
 Each message is written for the person at the other end of the stream: it names the VM
 and, where there is one, what to change on the QEMU command line. Providers turn these
@@ -45,3 +47,7 @@ class QMPCommandError(QemuError):
     @property
     def command_not_found(self) -> bool:
         return self.error_class == "CommandNotFound"
+
+
+class QMPBusy(QemuError):
+    """A shared QMP socket stayed busy: another client held it for the whole wait."""

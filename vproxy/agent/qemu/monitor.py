@@ -20,19 +20,39 @@ Rules this module keeps:
   a warning.
 - QMP failures become `VMGone` / `QMPCommandError` (vproxy.agent.qemu.errors), whose text is
   meant for the user.
+
+Two modes, one API (`make_monitor` is the one place that picks the class):
+- "exclusive" (`VMMonitor`, the default): the connection above, held for the life of
+  the QEMU, events as they come. For sockets made for vproxy.
+- "shared" (`SharedVMMonitor`, ``qmp = "shared"``): for a socket something else also
+  uses (Proxmox's VMID.qmp, which qm and pvedaemon connect to for each command). Every
+  `execute` is one short connection (connect, greeting, command, disconnect), and
+  `execute_with_fd` one connection for getfd + the consuming command (an fd sent with
+  SCM_RIGHTS belongs to the connection it came on). The agent's connections are
+  serialised, so at most one of them waits on QEMU's backlog; another client waiting
+  on the socket is served as soon as the current command has replied. What exclusive
+  mode learns from events is polled every `SHARED_POLL_INTERVAL` seconds: the run
+  state (query-status), QEMU gone or replaced (the socket refuses, or answers from a
+  different process: SO_PEERCRED), and VSERPORT_CHANGE / DEVICE_DELETED, which the
+  poller hands to the owners as if QEMU had sent them (from query-chardev's
+  "frontend-open" and the QOM tree). A connection not greeted within `BUSY_NOTICE`
+  seconds is logged as busy and waited on until ``connect_timeout``, then `QMPBusy`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import socket
+import struct
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Set, Tuple
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import Runstate
 
-from .errors import QMPCommandError, VMGone
+from .errors import QMPBusy, QMPCommandError, VMGone
 
 log = logging.getLogger("vproxy.qemu.monitor")
 
@@ -46,6 +66,23 @@ _IMPLIED_STATE = {"STOP": "paused", "RESUME": "running", "SUSPEND": "suspended",
                   "WAKEUP": "running", "GUEST_PANICKED": "guest-panicked"}
 
 _fd_names = itertools.count(1)
+
+#: QMP modes (agent setting ``qmp``, ``vproxy serve --qmp``).
+EXCLUSIVE = "exclusive"
+SHARED = "shared"
+QMP_MODES = (EXCLUSIVE, SHARED)
+
+#: Shared mode: how often the agent asks QEMU what exclusive mode learns from events
+#: (run state, QEMU gone or replaced, guest channel ports opened/closed). Each poll is
+#: one QMP connection of a few milliseconds; 2 s keeps `vproxy ls` current without
+#: taking the socket from its owner more than a few times a second. Documented in
+#: vproxy.conf(5).
+SHARED_POLL_INTERVAL = 2.0
+#: Shared mode: while a ``device_del`` waits for its device to go, it is polled this often.
+DELETE_POLL_INTERVAL = 0.25
+#: Shared mode: a connection not greeted after this long is logged as busy (another
+#: client holds the socket); it is waited on until ``connect_timeout``.
+BUSY_NOTICE = 1.0
 
 
 class MonitorOwner:
@@ -79,6 +116,8 @@ class _Dispatcher(EventListener):
 
 class VMMonitor:
     """The agent's QMP connection to one VM's QEMU, reconnecting across restarts."""
+
+    mode = EXCLUSIVE
 
     def __init__(self, name: str, qmp_path: str, *, connect_timeout: float = 5.0,
                  min_backoff: float = 0.05, max_backoff: float = 1.0,
@@ -306,10 +345,7 @@ class VMMonitor:
             log.info("VM %s: resumed from prelaunch after taking over its consoles", self.name)
 
     async def _connect(self) -> bool:
-        client = QMPClient(self.name)
-        client.logger, noise = _qmp_logger(self.name)
-        # qemu.qmp's default listener queues every event forever: make it take none.
-        client.events.accept = lambda event: False  # type: ignore[method-assign]
+        client, noise = _new_client(self.name)
         client.register_listener(_Dispatcher(self._on_event))
         noise.connecting = True
         try:
@@ -373,6 +409,318 @@ class VMMonitor:
                 return
 
 
+class SharedVMMonitor(VMMonitor):
+    """`VMMonitor` for a QMP socket others use too: a connection per operation, and
+    polling instead of events (see the module docstring)."""
+
+    mode = SHARED
+
+    def __init__(self, name: str, qmp_path: str, *, poll_interval: float = SHARED_POLL_INTERVAL,
+                 **options: Any):
+        super().__init__(name, qmp_path, **options)
+        self.poll_interval = poll_interval
+        self._present = False  # the last contact found a QEMU behind the socket
+        self._pid: Optional[int] = None  # that QEMU's pid (SO_PEERCRED), if known
+        self._session_pid: Optional[int] = None
+        self._conn_lock: Optional[asyncio.Lock] = None
+        self._poll_now: Optional[asyncio.Event] = None
+        self._frontend_open: Dict[str, bool] = {}  # chardev label -> query-chardev "frontend-open"
+        self._port_ids: Dict[str, str] = {}  # chardev label -> id of its virtio-serial port
+        self._mapped_labels: Set[str] = set()  # the chardev labels _port_ids was built for
+        self._deleting: Set[str] = set()  # device ids of a device_del not yet seen gone
+
+    @property
+    def connected(self) -> bool:
+        return self._present
+
+    def _lock(self) -> asyncio.Lock:
+        if self._conn_lock is None:
+            self._conn_lock = asyncio.Lock()
+        return self._conn_lock
+
+    def _wake(self) -> None:
+        """Poll now (a command or a channel saw the connection fail)."""
+        if self._poll_now is not None:
+            self._poll_now.set()
+
+    def busy_message(self) -> str:
+        return ("QMP socket %s of VM %s is busy (another client holds it): retrying"
+                % (self.qmp_path, self.name))
+
+    # ------------------------------------------------------------------ connections
+
+    async def _open(self) -> QMPClient:
+        """One QMP connection; `VMGone` if nothing answers, `QMPBusy` if another client
+        held the socket for ``connect_timeout``. Sets `_session_pid`."""
+        loop = asyncio.get_event_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, self.qmp_path), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            sock.close()
+            self.last_error = str(e) or type(e).__name__
+            self._wake()
+            raise VMGone(self.name, self.not_running_message()) from None
+        except BaseException:
+            sock.close()
+            raise
+        self._session_pid = _peer_pid(sock)
+        client, noise = _new_client(self.name)  # no listener: events are learnt by polling
+        noise.connecting = True
+        task = asyncio.ensure_future(client.connect(sock))
+        try:
+            done, _ = await asyncio.wait([task], timeout=BUSY_NOTICE)
+            if not done:
+                self.last_error = self.busy_message()
+                if not self._warned_busy:
+                    log.warning("%s", self.last_error)
+                    self._warned_busy = True
+                done, _ = await asyncio.wait([task], timeout=max(0.0, self.connect_timeout - BUSY_NOTICE))
+            if not done:
+                raise QMPBusy(self.name, "QMP socket %s of VM %s stayed busy for %g s (another client "
+                              "holds it; a QMP socket serves one client at a time)"
+                              % (self.qmp_path, self.name, self.connect_timeout))
+            exc = task.exception()
+            if exc is not None:
+                cause = getattr(exc, "exc", exc)
+                self.last_error = str(cause) or type(cause).__name__
+                self._wake()
+                raise VMGone(self.name, self.not_running_message()) from None
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await _quiet_disconnect(client)
+            sock.close()
+            raise
+        finally:
+            noise.connecting = False
+        if self._warned_busy:
+            log.info("QMP socket %s of VM %s is free again", self.qmp_path, self.name)
+        self._warned_busy = False
+        self.last_error = ""
+        return client
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[QMPClient]:
+        """A QMP connection for one operation; closed at once after it."""
+        async with self._lock():
+            client = await self._open()
+            try:
+                yield client
+            finally:
+                await _quiet_disconnect(client)
+
+    async def _run(self, client: QMPClient, cmd: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        try:
+            return await client.execute(cmd, args)
+        except ExecuteError as e:
+            raise QMPCommandError(self.name, cmd, args, e.error_class, str(e)) from None
+        except Exception as e:  # the connection broke under the command
+            self._wake()
+            raise VMGone(self.name, self.gone_message()) from e
+
+    # ------------------------------------------------------------------ commands
+
+    async def execute(self, cmd: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        if not self._present:
+            raise VMGone(self.name, self.not_running_message())
+        async with self._session() as client:
+            result = await self._run(client, cmd, args)
+        if cmd == "device_del" and args and args.get("id"):
+            self._deleting.add(str(args["id"]))  # DEVICE_DELETED comes from the poller
+            self._wake()
+        return result
+
+    async def is_alive(self, timeout: float = 2.0) -> bool:
+        """Does the same QEMU still listen? A connect, no QMP: a busy socket counts."""
+        self._wake()
+        if not self._present:
+            return False
+        loop = asyncio.get_event_loop()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, self.qmp_path), timeout)
+            except (OSError, asyncio.TimeoutError):
+                return False
+            pid = _peer_pid(sock)
+        return pid is None or self._pid is None or pid == self._pid
+
+    async def pass_fd(self, fd: int, fdname: str) -> None:
+        raise RuntimeError("VM %s: with a shared QMP socket an fd lives only as long as its "
+                           "connection: use execute_with_fd" % self.name)
+
+    async def execute_with_fd(self, fd: int, cmd: str,
+                              make_args: Callable[[str], Dict[str, Any]]) -> Any:
+        """getfd and *cmd* on one connection (the fd belongs to it)."""
+        if not self._present:
+            raise VMGone(self.name, self.not_running_message())
+        fdname = "vproxy%d" % next(_fd_names)
+        async with self.fd_lock, self._session() as client:
+            try:
+                client.send_fd_scm(fd)
+            except Exception as e:
+                self._wake()
+                raise VMGone(self.name, self.gone_message()) from e
+            await self._run(client, "getfd", {"fdname": fdname})
+            try:
+                return await self._run(client, cmd, make_args(fdname))
+            except QMPCommandError:
+                try:
+                    await self._run(client, "closefd", {"fdname": fdname})
+                except QMPCommandError:
+                    pass  # consumed after all
+                raise
+
+    # ------------------------------------------------------------------ supervisor
+
+    async def _supervise(self) -> None:
+        self._poll_now = asyncio.Event()
+        backoff = self.min_backoff
+        try:
+            while not self._stopping:
+                answered = await self._poll()
+                if not self._present:
+                    if not answered:
+                        await self._sleep(backoff)
+                        backoff = min(backoff * 2, self.max_backoff)
+                        continue
+                    backoff = self.min_backoff
+                    await self._attach()
+                    continue  # poll again at once: ports' state, a QEMU gone meanwhile
+                await self._sleep(DELETE_POLL_INTERVAL if self._deleting else self.poll_interval)
+        finally:
+            # Also on cancellation (stop()): owners must hear that QEMU is gone.
+            if self._present:
+                self._lose(self.gone_message())
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._poll_now is not None
+        try:
+            await asyncio.wait_for(self._poll_now.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self._poll_now.clear()
+
+    async def _attach(self) -> None:
+        self._present = True
+        self._pid = self._session_pid
+        for owner in list(self._owners):
+            try:
+                await owner.on_connected(self)
+            except Exception:
+                if not self._present:
+                    break
+                log.exception("VM %s: setting up %r failed", self.name, owner)
+        if self._present:
+            log.info("VM %s: QMP reached on the shared socket %s (%s; polled every %g s)",
+                     self.name, self.qmp_path, self.state, self.poll_interval)
+            if self.resume_prelaunch:
+                await self._resume_from_prelaunch()
+            if self._present and self._ready is not None:
+                self._ready.set()
+
+    def _lose(self, reason: str) -> None:
+        if self._ready is not None:
+            self._ready.clear()
+        self._present = False
+        self._pid = None
+        self.state = ABSENT
+        self._frontend_open.clear()
+        self._port_ids.clear()
+        self._mapped_labels.clear()
+        self._deleting.clear()
+        log.info("VM %s: %s", self.name, reason)
+        for owner in list(self._owners):
+            try:
+                owner.on_lost(reason)
+            except Exception:
+                log.exception("VM %s: %r.on_lost failed", self.name, owner)
+
+    async def _poll(self) -> bool:
+        """One look at QEMU; True if a QEMU answered. Loses the VM when the socket
+        refuses or a different QEMU answers; a busy socket changes nothing."""
+        events: List[Dict[str, Any]] = []
+        try:
+            async with self._session() as client:
+                if self._present and self._pid is not None and self._session_pid != self._pid:
+                    self._lose(self.gone_message())  # restarted between two polls
+                status = await self._run(client, "query-status")
+                self.state = str(status.get("status", "unknown"))
+                if self._present:
+                    events = await self._poll_ports(client)
+        except QMPBusy:
+            return False
+        except VMGone:
+            if self._present:
+                self._lose(self.gone_message())
+            return False
+        except QMPCommandError as e:
+            log.warning("VM %s: polling QEMU: %s", self.name, e)
+            return True
+        for event in events:
+            self._on_event(event)
+        return True
+
+    async def _poll_ports(self, client: QMPClient) -> List[Dict[str, Any]]:
+        """The events exclusive mode would have had: VSERPORT_CHANGE for virtio-serial
+        ports with an id whose guest side opened or closed, DEVICE_DELETED for a
+        device_del whose device is gone."""
+        chardevs = await self._run(client, "query-chardev")
+        labels = {str(c.get("label", "")) for c in chardevs}
+        peripherals: Optional[Dict[str, str]] = None
+        if labels != self._mapped_labels or self._deleting:
+            peripherals = {str(c["name"]): str(c.get("type", ""))
+                           for c in await self._run(client, "qom-list", {"path": "/machine/peripheral"})}
+        events: List[Dict[str, Any]] = []
+        if peripherals is not None and labels != self._mapped_labels:
+            port_ids: Dict[str, str] = {}
+            for dev_id, ctype in peripherals.items():
+                if ctype in ("child<virtserialport>", "child<virtconsole>"):
+                    label = await self._run(client, "qom-get", {
+                        "path": "/machine/peripheral/" + dev_id, "property": "chardev"})
+                    if label:
+                        port_ids[str(label)] = dev_id
+            self._port_ids, self._mapped_labels = port_ids, labels
+        for c in chardevs:
+            label = str(c.get("label", ""))
+            if "frontend-open" not in c or label not in self._port_ids:
+                continue
+            is_open = bool(c["frontend-open"])
+            if self._frontend_open.get(label) != is_open:
+                self._frontend_open[label] = is_open
+                events.append({"event": "VSERPORT_CHANGE", "polled": True,
+                               "data": {"id": self._port_ids[label], "open": is_open}})
+        if peripherals is not None:
+            for dev_id in sorted(self._deleting - set(peripherals)):
+                self._deleting.discard(dev_id)
+                events.append({"event": "DEVICE_DELETED", "polled": True,
+                               "data": {"device": dev_id,
+                                        "path": "/machine/peripheral/" + dev_id}})
+        return events
+
+
+def make_monitor(name: str, qmp_path: str, mode: str = EXCLUSIVE, **options: Any) -> VMMonitor:
+    """The monitor for QMP *mode* (EXCLUSIVE or SHARED): the one place that decides."""
+    if mode == EXCLUSIVE:
+        return VMMonitor(name, qmp_path, **options)
+    if mode == SHARED:
+        return SharedVMMonitor(name, qmp_path, **options)
+    raise ValueError("QMP mode must be one of %s, not %r" % (", ".join(QMP_MODES), mode))
+
+
+def _peer_pid(sock: socket.socket) -> Optional[int]:
+    """The pid of the process listening on *sock*'s peer (Linux SO_PEERCRED), else None.
+    Valid even while the connection waits in the listener's backlog."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    pid = int(struct.unpack("3i", creds)[0])
+    return pid or None
+
+
 class _ConnectNoise(logging.Filter):
     """Drops qemu.qmp's error lines while a connection is being attempted: while a VM
     is down the supervisor retries every second, and `last_error` keeps the cause."""
@@ -383,6 +731,14 @@ class _ConnectNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self.connecting
+
+
+def _new_client(name: str) -> "Tuple[QMPClient, _ConnectNoise]":
+    client = QMPClient(name)
+    client.logger, noise = _qmp_logger(name)
+    # qemu.qmp's default listener queues every event forever: make it take none.
+    client.events.accept = lambda event: False  # type: ignore[method-assign]
+    return client, noise
 
 
 def _qmp_logger(name: str) -> "Tuple[logging.Logger, _ConnectNoise]":

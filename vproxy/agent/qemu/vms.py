@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 from ._streams import RefuseCode, refuse
 from .console import DEFAULT_LINGER, DEFAULT_RING_SIZE, ConsoleSet
 from .guestchannel import GuestChannels
-from .monitor import VMMonitor
+from .monitor import EXCLUSIVE, make_monitor
 from .vnc import VncService
 
 log = logging.getLogger("vproxy.qemu.vms")
@@ -37,11 +37,12 @@ class VM:
 
     def __init__(self, name: str, qmp_path: str, *, source: str = "config",
                  ring_size: int = DEFAULT_RING_SIZE, log_dir: Optional[str] = None,
-                 linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False):
+                 linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False,
+                 qmp_mode: str = EXCLUSIVE):
         self.name = name
         self.qmp_path = str(qmp_path)
         self.source = source  # "config" or "dir"
-        self.monitor = VMMonitor(name, self.qmp_path, resume_prelaunch=resume_prelaunch)
+        self.monitor = make_monitor(name, self.qmp_path, qmp_mode, resume_prelaunch=resume_prelaunch)
         self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger)
         self.channels = GuestChannels(name, linger=linger)
         self.vnc = VncService(name)
@@ -78,6 +79,7 @@ class VM:
             "vm": self.name,
             "state": self.monitor.state,
             "qmp": self.qmp_path,
+            "qmp_mode": self.monitor.mode,
             "error": "" if self.monitor.connected else self.monitor.last_error,
             "consoles": self.consoles.describe(),
             "channels": self.channels.describe(),
@@ -91,11 +93,11 @@ class VMRegistry:
     def __init__(self, vms: Iterable[Tuple[str, str]] = (), socket_dir: Optional[str] = None,
                  *, scan_interval: float = 1.0, ring_size: int = DEFAULT_RING_SIZE,
                  log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER,
-                 resume_prelaunch: bool = False):
+                 resume_prelaunch: bool = False, qmp_mode: str = EXCLUSIVE):
         self.socket_dir = socket_dir
         self.scan_interval = scan_interval
         self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
-                                resume_prelaunch=resume_prelaunch)
+                                resume_prelaunch=resume_prelaunch, qmp_mode=qmp_mode)
         self._configured = list(vms)
         self._vms: Dict[str, VM] = {}
         self._scanner: Optional[asyncio.Task] = None
