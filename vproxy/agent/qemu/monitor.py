@@ -492,9 +492,10 @@ class SharedVMMonitor(VMMonitor):
             await asyncio.gather(task, return_exceptions=True)
             await _quiet_disconnect(client)
             sock.close()
-            raise
-        finally:
             noise.connecting = False
+            raise
+        # noise stays on until _session has disconnected: a QEMU exiting under a
+        # command is reported by the poller, not by qemu.qmp's reader task.
         if self._warned_busy:
             log.info("QMP socket %s of VM %s is free again", self.qmp_path, self.name)
         self._warned_busy = False
@@ -510,6 +511,7 @@ class SharedVMMonitor(VMMonitor):
                 yield client
             finally:
                 await _quiet_disconnect(client)
+                _qmp_logger(self.name)[1].connecting = False
 
     async def _run(self, client: QMPClient, cmd: str, args: Optional[Dict[str, Any]] = None) -> Any:
         try:
@@ -533,7 +535,9 @@ class SharedVMMonitor(VMMonitor):
         return result
 
     async def is_alive(self, timeout: float = 2.0) -> bool:
-        """Does the same QEMU still listen? A connect, no QMP: a busy socket counts."""
+        """Does the same QEMU still answer? A connect and the greeting, no command: a
+        socket held by another client (no greeting within *timeout*) counts as alive,
+        a refused connect, a reset (QEMU exiting) or another process as gone."""
         self._wake()
         if not self._present:
             return False
@@ -545,7 +549,15 @@ class SharedVMMonitor(VMMonitor):
             except (OSError, asyncio.TimeoutError):
                 return False
             pid = _peer_pid(sock)
-        return pid is None or self._pid is None or pid == self._pid
+            if pid is not None and self._pid is not None and pid != self._pid:
+                return False
+            try:
+                greeting = await asyncio.wait_for(loop.sock_recv(sock, 1), timeout)
+            except asyncio.TimeoutError:
+                return True  # held by another client: QEMU lives
+            except OSError:
+                return False
+            return bool(greeting)
 
     async def pass_fd(self, fd: int, fdname: str) -> None:
         raise RuntimeError("VM %s: with a shared QMP socket an fd lives only as long as its "

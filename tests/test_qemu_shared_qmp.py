@@ -1,0 +1,152 @@
+"""QMP mode "shared": the agent on a QMP socket that something else also uses.
+
+A Proxmox-shaped directory (DIR/100.qmp, QEMU started with ``-qmp
+unix:DIR/100.qmp,server=on,wait=off``) served with qmp "shared", and a second QMP client
+(qemu.qmp's QMPClient, as Proxmox's qm would be) that connects, asks query-status and
+disconnects every 100 ms while a console streams both ways. QEMU serves one QMP client at
+a time, so each of its commands measures how long the agent kept the socket.
+
+Exclusive mode (the default) is covered, unchanged, by tests/test_qemu_monitor.py
+(test_commands_state_events: events, state, VM gone) and tests/test_qemu_console.py
+(test_qemu_killed_and_restarted: reattach after a restart).
+"""
+
+import asyncio
+import logging
+import time
+
+import pytest
+from qemu.qmp import QMPClient
+
+from support.memstream import open_channel, read_until
+from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, qemu_available
+from vproxy.agent.qemu.monitor import SHARED_POLL_INTERVAL, SharedVMMonitor
+from vproxy.agent.qemu.provider import QemuProvider
+from vproxy.agent.qemu.vms import VMRegistry
+from vproxy.errors import StreamResetError
+from vproxy.mux import ResetCode
+
+pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
+              pytest.mark.qemu, pytest.mark.slow]
+
+BANNER = BOOT_SECTOR_BANNER
+
+
+async def qm(path, cmd="query-status", args=None):
+    """What `qm` does for one command: connect, execute, disconnect. Returns (seconds, reply)."""
+    t0 = time.monotonic()
+    client = QMPClient("qm")
+    await asyncio.wait_for(client.connect(path), 30)
+    try:
+        reply = await client.execute(cmd, args)
+    finally:
+        await client.disconnect()
+    return time.monotonic() - t0, reply
+
+
+async def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        await asyncio.sleep(0.05)
+
+
+async def end(stream):
+    stream.reset(ResetCode.CANCEL, "test done")
+    await asyncio.wait_for(stream.task, 10)
+
+
+def test_shared_qmp_socket_with_a_second_client(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vproxy.qemu.monitor")
+    qdir = tmp_path / "qemu-server"
+    qdir.mkdir()
+    vm = boot_sector_vm(tmp_path, vnc=False, name="web1", paused=True)
+    vm.qmp_path = qdir / "100.qmp"  # Proxmox: /var/run/qemu-server/VMID.qmp
+    vm.start()
+    path = str(vm.qmp_path)
+    try:
+        async def main():
+            registry = VMRegistry([], str(qdir), scan_interval=0.1, qmp_mode="shared")
+            await registry.start()
+            try:
+                provider = QemuProvider(registry)
+                monitor = registry.get("100").monitor
+                assert isinstance(monitor, SharedVMMonitor)
+                assert await monitor.wait_ready(10)
+                assert monitor.state == "prelaunch"
+                # The manager, not the agent, starts the guest: its command gets through.
+                seconds, _ = await qm(path, "cont")
+                assert seconds < 1.0
+                s = await open_channel(provider, "100", "console", "rw", {"replay": "all"})
+                assert await read_until(s, BANNER) == BANNER
+
+                # qm asks query-status every 100 ms while the console streams both ways.
+                times = []
+                streaming = True
+
+                async def manager():
+                    while streaming:
+                        seconds, reply = await qm(path)
+                        assert reply["status"] == "running"
+                        times.append(seconds)
+                        await asyncio.sleep(0.1)
+
+                task = asyncio.ensure_future(manager())
+                lines = 0
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 6.0:
+                    await s.write(b"line %d\r" % lines)
+                    assert await asyncio.wait_for(read_until(s, b"\r\n"), 10) == b"LINE %d\r\n" % lines
+                    lines += 1
+                streaming = False
+                await asyncio.wait_for(task, 10)
+                print("qm: %d commands, max %.3f s; console: %d lines echoed"
+                      % (len(times), max(times), lines))
+                assert len(times) >= 20
+                assert max(times) < 1.0, times
+                assert lines >= 20
+
+                # A pause made by the manager is noticed by polling: what `vproxy ls` shows.
+                await qm(path, "stop")
+                await wait_for(lambda: monitor.state == "paused", SHARED_POLL_INTERVAL + 3, "paused")
+                desc = (await registry.describe())[0]
+                assert (desc["vm"], desc["state"], desc["qmp_mode"]) == ("100", "paused", "shared")
+                await qm(path, "cont")
+                await wait_for(lambda: monitor.state == "running", SHARED_POLL_INTERVAL + 3, "running")
+
+                # Another client holding the socket: the agent waits, says so, and goes on.
+                holder = QMPClient("holder")
+                await holder.connect(path)
+                await asyncio.sleep(SHARED_POLL_INTERVAL + 1.5)
+                await holder.disconnect()
+                busy = ("QMP socket %s of VM 100 is busy (another client holds it): retrying" % path)
+                assert busy in [r.getMessage() for r in caplog.records]
+                await s.write(b"after\r")
+                assert await asyncio.wait_for(read_until(s, b"\r\n"), 10) == b"AFTER\r\n"
+
+                # QEMU killed: the stream ends saying so; restarted: the console comes back.
+                vm.kill()
+                with pytest.raises(StreamResetError) as e:
+                    await asyncio.wait_for(s.read(), 10)
+                assert e.value.code == ResetCode.CHANNEL_GONE
+                assert e.value.message == "VM 100 went away (QEMU exited)"
+                await asyncio.wait_for(s.task, 5)
+                await wait_for(lambda: monitor.state == "absent", 10, "absent")
+                vm.wait()
+                vm.proc = None
+                vm.start()
+                assert await monitor.wait_ready(10)
+                await qm(path, "cont")
+                # the ring goes on across the restart: the old boot, then the new banner
+                again = await open_channel(provider, "100", "console", "rw", {"replay": "all"})
+                await asyncio.wait_for(read_until(again, b"AFTER\r\n"), 10)
+                await asyncio.wait_for(read_until(again, BANNER), 10)
+                await again.write(b"back\r")
+                assert await asyncio.wait_for(read_until(again, b"\r\n"), 10) == b"BACK\r\n"
+                await end(again)
+            finally:
+                await registry.stop()
+
+        asyncio.run(main())
+    finally:
+        vm.terminate()
