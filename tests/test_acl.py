@@ -74,6 +74,7 @@ def test_config_file_parses_vms_and_rules():
 @pytest.mark.parametrize("data, needle", [
     ({"lisen": "x"}, "unknown key 'lisen'"),
     ({"console_ring": "big"}, "console_ring has the wrong type"),
+    ({"qmp": "/run/x.qmp"}, "qmp must be \"exclusive\" or \"shared\", not '/run/x.qmp'"),
     ({"vm": [{"name": "a"}]}, "[[vm]] #1: needs exactly name"),
     ({"vm": [{"name": "a", "qmp": "/x"}, {"name": "a", "qmp": "/y"}]}, "configured twice"),
     ({"allow": [{"vms": ["*"]}]}, "needs identities"),

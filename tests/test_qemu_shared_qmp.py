@@ -23,6 +23,7 @@ from support.vmtools import BOOT_SECTOR_BANNER, boot_sector_vm, qemu_available
 from vproxy.agent.qemu.monitor import SHARED_POLL_INTERVAL, SharedVMMonitor
 from vproxy.agent.qemu.provider import QemuProvider
 from vproxy.agent.qemu.vms import VMRegistry
+from vproxy.cli.ls import format_listing
 from vproxy.errors import StreamResetError
 from vproxy.mux import ResetCode
 
@@ -111,6 +112,8 @@ def test_shared_qmp_socket_with_a_second_client(tmp_path, caplog):
                 await wait_for(lambda: monitor.state == "paused", SHARED_POLL_INTERVAL + 3, "paused")
                 desc = (await registry.describe())[0]
                 assert (desc["vm"], desc["state"], desc["qmp_mode"]) == ("100", "paused", "shared")
+                shown = format_listing({"host": "pve1", "error": "", "vms": [desc]})
+                assert shown.splitlines()[0] == "pve1/100  paused  (shared QMP, polled)"
                 await qm(path, "cont")
                 await wait_for(lambda: monitor.state == "running", SHARED_POLL_INTERVAL + 3, "running")
 

@@ -65,8 +65,9 @@ def format_listing(result: dict) -> str:
     if not result["vms"]:
         return "%s: no VMs you may open" % result["host"]
     for vm in result["vms"]:
-        lines.append("%s/%s  %s%s" % (result["host"], vm["vm"], vm["state"],
-                                       "  (%s)" % vm["error"] if vm.get("error") else ""))
+        shared = "  (shared QMP, polled)" if vm.get("qmp_mode") == "shared" else ""
+        lines.append("%s/%s  %s%s%s" % (result["host"], vm["vm"], vm["state"], shared,
+                                         "  (%s)" % vm["error"] if vm.get("error") else ""))
         for con in vm.get("consoles", []):
             who = ", ".join(con["viewers"]) or "nobody attached"
             writer = "; writer %s" % con["writer"] if con.get("writer") else ""
