@@ -153,3 +153,44 @@ def test_shared_qmp_socket_with_a_second_client(tmp_path, caplog):
         asyncio.run(main())
     finally:
         vm.terminate()
+
+
+def test_shared_qmp_guest_channel_hotplug(tmp_path):
+    """Shared mode on the Linux guest: a hotplugged port (chardev-add with an fd and
+    device_add, each on a connection of its own), the guest opening it learnt by polling
+    (guest-open NOTICE), an echo, and the unplug when the stream ends (DEVICE_DELETED
+    learnt by polling: the port is gone within seconds)."""
+    pytest.importorskip("support.guests.linux_guest")
+    from test_qemu_channel import boot_linux
+
+    vm = boot_linux(tmp_path)
+    try:
+        async def main():
+            registry = VMRegistry([(vm.name, str(vm.qmp_path))], qmp_mode="shared")
+            await registry.start()
+            try:
+                provider = QemuProvider(registry)
+                assert await registry.get(vm.name).monitor.wait_ready(10)
+                s = await open_channel(provider, vm.name, "channel:org.vproxy.echo.shared", "hotplug")
+                assert await asyncio.wait_for(s.next_notice(), 30) == {"event": "guest-open"}
+                await s.write(b"polled\n")
+                assert await asyncio.wait_for(read_until(s, b"polled\n"), 30) == b"polled\n"
+                await end(s)
+                channels = registry.get(vm.name).channels
+                monitor = registry.get(vm.name).monitor
+
+                async def names():
+                    return [p["name"] for p in await channels.list_ports(monitor)]
+
+                deadline = time.monotonic() + 10
+                while "org.vproxy.echo.shared" in await names():
+                    assert time.monotonic() < deadline, "hotplugged port not removed"
+                    await asyncio.sleep(0.2)
+                assert not any(c["label"].startswith("vproxy-c-")
+                               for c in await monitor.execute("query-chardev"))
+            finally:
+                await registry.stop()
+
+        asyncio.run(main())
+    finally:
+        vm.terminate()

@@ -428,6 +428,7 @@ class SharedVMMonitor(VMMonitor):
         self._port_ids: Dict[str, str] = {}  # chardev label -> id of its virtio-serial port
         self._mapped_labels: Set[str] = set()  # the chardev labels _port_ids was built for
         self._deleting: Set[str] = set()  # device ids of a device_del not yet seen gone
+        self._seen_deleted: Set[str] = set()  # of those, the ones the last poll found gone
 
     @property
     def connected(self) -> bool:
@@ -643,6 +644,7 @@ class SharedVMMonitor(VMMonitor):
         self._port_ids.clear()
         self._mapped_labels.clear()
         self._deleting.clear()
+        self._seen_deleted.clear()
         log.info("VM %s: %s", self.name, reason)
         for owner in list(self._owners):
             try:
@@ -705,11 +707,16 @@ class SharedVMMonitor(VMMonitor):
                 events.append({"event": "VSERPORT_CHANGE", "polled": True,
                                "data": {"id": self._port_ids[label], "open": is_open}})
         if peripherals is not None:
-            for dev_id in sorted(self._deleting - set(peripherals)):
+            # A device leaves the QOM tree a moment before QEMU lets go of its chardev
+            # (chardev-remove right after it says "busy"): DEVICE_DELETED when it is
+            # seen gone by two polls in a row.
+            gone = self._deleting - set(peripherals)
+            for dev_id in sorted(gone & self._seen_deleted):
                 self._deleting.discard(dev_id)
                 events.append({"event": "DEVICE_DELETED", "polled": True,
                                "data": {"device": dev_id,
                                         "path": "/machine/peripheral/" + dev_id}})
+            self._seen_deleted = gone - self._seen_deleted
         return events
 
 
