@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from ._streams import RefuseCode, refuse
 from .console import DEFAULT_LINGER, DEFAULT_RING_SIZE, ConsoleSet
 from .guestchannel import GuestChannels
-from .errors import QemuError
+from .errors import QMPCommandError
 from .monitor import MonitorOwner, VMMonitor
 from .vnc import VncService
 
@@ -146,7 +146,7 @@ class _Naming(MonitorOwner):
     async def on_connected(self, monitor: VMMonitor) -> None:
         try:
             answer = await monitor.execute("query-name")
-        except QemuError as e:  # a QEMU that cannot say: it keeps its socket's name
+        except QMPCommandError as e:  # a QEMU that cannot say: it keeps its socket's name
             log.warning("VM %s: query-name failed, it keeps its socket's name: %s", self.vm.key, e)
             answer = {}
         name = answer.get("name", "") if isinstance(answer, dict) else ""
