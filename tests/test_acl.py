@@ -55,6 +55,27 @@ def test_refusal_says_who_what_and_why():
     assert info.value.message.endswith("no ACL rule grants it")
 
 
+def test_a_vm_with_an_alias_is_matched_by_either_name():
+    """A vm_dir VM known by its -name (web1) with its socket's name (100) as an alias:
+    the agent passes both names, whichever was asked for."""
+    acl = Acl([Rule(("alice",), ("web1",), ("*",), ("rw",)),
+               Rule(("ci",), ("100",), ("console",), ("ro",)),
+               Rule(("bob",), ("web2", "101"), ("*",), ("rw",))])
+    names = ("web1", "100")
+    for asked in names:
+        assert acl.allows(who("alice"), req(asked, "console"), names)   # rule for the name
+        assert acl.allows(who("ci"), req(asked, "console", "ro"), names)  # rule for the alias
+        assert not acl.allows(who("ci"), req(asked, "console"), names)  # its modes still count
+        assert not acl.allows(who("bob"), req(asked, "console"), names)  # another VM's rule
+    # without the names (a VM the agent does not know) only the name asked for counts
+    assert not acl.allows(who("alice"), req("100", "console"))
+    with pytest.raises(ChannelRefused) as info:
+        acl.check(who("bob"), req("100", "vnc"), names)
+    assert info.value.message == "bob may not open vnc of VM 100: no ACL rule grants it"
+    assert acl.visible_vms(who("ci"), ["web1", "web2"], {"web1": ["100"]}) == ["web1"]
+    assert acl.visible_vms(who("bob"), ["web1"], {"web1": ["100"]}) == []
+
+
 def test_visible_vms():
     assert ACL.visible_vms(who("alice"), ["web1", "db1", "web2"]) == ["web1", "web2"]
     assert ACL.visible_vms(who("nobody"), ["web1"]) == []

@@ -3,7 +3,13 @@
 Deny by default. A request is allowed when one rule matches all of:
 - identity: one of the identity's names (CN, then SANs) matches one of the rule's
   `identities` globs;
-- VM: the VM name matches one of the rule's `vms` globs;
+- VM: one of the VM's names matches one of the rule's `vms` globs. A VM found in a
+  vm_dir whose QEMU has -name has two: that name and its socket's name (its alias,
+  e.g. "web1" and "100" for Proxmox's 100.qmp), and a request for either is matched
+  with both (the agent passes `vm_names`), so a rule for "web1" grants "100" too and
+  a rule for "100" grants "web1"; a rule for another VM grants neither. Rules only
+  grant, so matching more names can only open the VM to the rules written for it;
+  a glob like "web*" also matches a VM whose alias starts with "web";
 - channel: one of the rule's `channels` entries matches: "console" (every console),
   "console:ID", "channel" (every guest channel), "channel:NAME-GLOB", "vnc", or "*";
 - mode: the rule's `modes` grant it. "rw" includes "ro", "force" includes "rw" and
@@ -22,7 +28,7 @@ Globs are fnmatch patterns, matched case-sensitively.
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vproxy.errors import ChannelRefused, UserError
 from vproxy.mux import OpenRequest, RefuseCode
@@ -50,8 +56,9 @@ class Rule:
     def matches_identity(self, names: Sequence[str]) -> bool:
         return any(fnmatchcase(n, g) for n in names for g in self.identities)
 
-    def matches_vm(self, vm: str) -> bool:
-        return any(fnmatchcase(vm, g) for g in self.vms)
+    def matches_vm(self, vm: str, vm_names: Optional[Sequence[str]] = None) -> bool:
+        """Whether one of the VM's names (*vm_names*; default: just *vm*) matches."""
+        return any(fnmatchcase(n, g) for n in (vm_names or (vm,)) for g in self.vms)
 
     def matches_channel(self, channel: str) -> bool:
         """A VM's channel (console, console:ID, channel:NAME, vnc)."""
@@ -85,21 +92,23 @@ class Acl:
     def __init__(self, rules: Iterable[Rule] = ()):
         self.rules: List[Rule] = list(rules)
 
-    def allows(self, identity, request: OpenRequest) -> bool:
+    def allows(self, identity, request: OpenRequest, vm_names: Optional[Sequence[str]] = None) -> bool:
+        """*vm_names*: every name of the VM *request* opens (its name and aliases, as
+        VMRegistry.names_of gives them); default: just the name asked for."""
         names = identity.names() if hasattr(identity, "names") else (str(identity),)
         for rule in self.rules:
-            if (rule.matches_identity(names) and rule.matches_vm(request.vm)
+            if (rule.matches_identity(names) and rule.matches_vm(request.vm, vm_names)
                     and rule.matches_channel(request.channel)
                     and request.mode in rule.granted_modes()):
                 return True
         return False
 
-    def check(self, identity, request: OpenRequest) -> None:
+    def check(self, identity, request: OpenRequest, vm_names: Optional[Sequence[str]] = None) -> None:
         """Raise ChannelRefused(FORBIDDEN) naming who, what and the missing grant."""
-        if self.allows(identity, request):
+        if self.allows(identity, request, vm_names):
             return
         names = identity.names() if hasattr(identity, "names") else (str(identity),)
-        partial = [r for r in self.rules if r.matches_identity(names) and r.matches_vm(request.vm)
+        partial = [r for r in self.rules if r.matches_identity(names) and r.matches_vm(request.vm, vm_names)
                    and r.matches_channel(request.channel)]
         if partial:
             why = "mode %s is not granted (only %s)" % (
@@ -114,11 +123,15 @@ class Acl:
         names = identity.names() if hasattr(identity, "names") else (str(identity),)
         return any(r.matches_identity(names) and r.grants_bench(name) for r in self.rules)
 
-    def visible_vms(self, identity, names: Iterable[str]) -> List[str]:
-        """The VMs an identity may open anything on (what `vproxy ls` shows it)."""
+    def visible_vms(self, identity, names: Iterable[str],
+                    aliases: Optional[Dict[str, Sequence[str]]] = None) -> List[str]:
+        """The VMs an identity may open anything on (what `vproxy ls` shows it);
+        *aliases*: VM name -> its other names, matched like the name."""
         ids = identity.names() if hasattr(identity, "names") else (str(identity),)
         rules = [r for r in self.rules if r.matches_identity(ids) and r.grants_vms()]
-        return [vm for vm in names if any(r.matches_vm(vm) for r in rules)]
+        aliases = aliases or {}
+        return [vm for vm in names
+                if any(r.matches_vm(vm, (vm, *aliases.get(vm, ()))) for r in rules)]
 
 
 def rule_from_dict(data: dict, where: str) -> Rule:

@@ -125,7 +125,8 @@ async def apply(agent: "Agent", prepared: _Prepared) -> Outcome:
                 continue
             except ChannelRefused:
                 pass
-        elif settings.acl is not None and settings.acl.allows(session.peer_identity, stream.request):
+        elif settings.acl is not None and settings.acl.allows(session.peer_identity, stream.request,
+                                                              agent.vm_names(stream.request.vm)):
             continue
         log.warning("%s: stream %d (%s): %s", session.name, stream.stream_id,
                     stream.request.describe(), ACL_REVOKED)

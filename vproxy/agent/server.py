@@ -219,7 +219,8 @@ class Agent:
         vms = await provider.describe()
         if self.acl is None:
             return []
-        visible = set(self.acl.visible_vms(identity, [vm["vm"] for vm in vms]))
+        visible = set(self.acl.visible_vms(identity, [vm["vm"] for vm in vms],
+                                           {vm["vm"]: vm.get("aliases", ()) for vm in vms}))
         return [vm for vm in vms if vm["vm"] in visible]
 
     async def serve_stream(self, session: AgentSession, stream: Stream) -> None:
@@ -235,6 +236,7 @@ class Agent:
                 await channel.run(stream)
                 return
             acl = self.acl
+            vm_names = self.vm_names(request.vm)
             if request.vm:  # before anything else: say nothing about VMs to strangers
                 self._authorize(identity, request)
             else:
@@ -244,7 +246,8 @@ class Agent:
                 raise ChannelRefused(RefuseCode.NO_SUCH_VM,
                                      "this agent serves no VMs (no QEMU configured)")
             channel = await provider.open(request, identity)
-            if self.acl is not acl:  # reloaded meanwhile: ask the new ACL
+            # reloaded meanwhile, or the name now means another VM: ask again
+            if self.acl is not acl or self.vm_names(request.vm) != vm_names:
                 if request.vm:
                     self._authorize(identity, request)
                 else:
@@ -274,11 +277,18 @@ class Agent:
             self.metrics.stream_ended(stream)
             self._audit(identity, request, result, stream, started)
 
+    def vm_names(self, vm: str) -> Tuple[str, ...]:
+        """Every name of the VM a request for *vm* opens (its name and aliases): the
+        ACL matches its rules against all of them (vproxy.agent.acl)."""
+        if not vm or self.registry is None:
+            return (vm,)
+        return self.registry.names_of(vm)
+
     def _authorize(self, identity: PeerIdentity, request: OpenRequest) -> None:
         if self.acl is None:
             raise ChannelRefused(RefuseCode.FORBIDDEN,
                                  "%s may not open %s: this agent has no ACL" % (identity, request.describe()))
-        self.acl.check(identity, request)
+        self.acl.check(identity, request, self.vm_names(request.vm))
 
     def authorize_builtin(self, identity: PeerIdentity, request: OpenRequest) -> None:
         """builtin_channels: raise ChannelRefused(FORBIDDEN) if `identity` may not open

@@ -65,9 +65,12 @@ def format_listing(result: dict) -> str:
     if not result["vms"]:
         return "%s: no VMs you may open" % result["host"]
     for vm in result["vms"]:
+        aliases = vm.get("aliases") or []
         shared = "  (shared QMP, polled)" if vm.get("qmp_mode") == "shared" else ""
-        lines.append("%s/%s  %s%s%s" % (result["host"], vm["vm"], vm["state"], shared,
-                                         "  (%s)" % vm["error"] if vm.get("error") else ""))
+        lines.append("%s/%s%s  %s%s%s" % (result["host"], vm["vm"],
+                                           " (alias %s)" % ", ".join(aliases) if aliases else "",
+                                           vm["state"], shared,
+                                           "  (%s)" % vm["error"] if vm.get("error") else ""))
         for con in vm.get("consoles", []):
             who = ", ".join(con["viewers"]) or "nobody attached"
             writer = "; writer %s" % con["writer"] if con.get("writer") else ""
@@ -78,7 +81,8 @@ def format_listing(result: dict) -> str:
                                                         ch.get("holder") or "free"))
         vnc = vm.get("vnc") or {}
         if vnc.get("available"):
-            lines.append("  vnc%-27s %d viewer(s)" % ("", vnc.get("viewers", 0)))
+            password = "; its VNC password is not needed" if vnc.get("auth") not in (None, "", "none") else ""
+            lines.append("  vnc%-27s %d viewer(s)%s" % ("", vnc.get("viewers", 0), password))
         else:
             lines.append("  vnc%-27s none (%s)" % ("", vnc.get("reason", "no display")))
     return "\n".join(lines)

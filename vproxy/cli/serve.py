@@ -31,7 +31,8 @@ from .common import resolve_tls, run_async, tls_options
               help="Serve the VM NAME whose QEMU listens for QMP on the unix socket QMP "
                    "(repeatable).")
 @click.option("--vm-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Serve every VM whose QMP socket is in DIR (NAME.qmp is VM NAME); "
+              help="Serve every VM whose QMP socket is in DIR (NAME.qmp is VM NAME, or VM N "
+                   "with the alias NAME when its QEMU has -name N); other files are ignored, "
                    "sockets that appear later are picked up.")
 @click.option("--allow", "allow", multiple=True, metavar="IDENTITY",
               help="Give IDENTITY (a certificate CN or SAN glob) every right on every VM "

@@ -412,7 +412,8 @@ class ConsoleSet(MonitorOwner):
 
     def __init__(self, vm: str, *, ring_size: int = DEFAULT_RING_SIZE,
                  log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER):
-        self.vm = vm
+        self.vm = vm  # the VM's name in messages (it may change: vproxy.agent.qemu.vms)
+        self.log_name = vm  # the VM's name in log file names (it does not)
         self.ring_size = ring_size
         self.log_dir = log_dir
         self.linger = linger
@@ -443,7 +444,7 @@ class ConsoleSet(MonitorOwner):
     def _new_console(self, cid: str) -> ManagedConsole:
         log_path = None
         if self.log_dir:
-            log_path = os.path.join(self.log_dir, "%s.%s.log" % (self.vm, cid))
+            log_path = os.path.join(self.log_dir, "%s.%s.log" % (self.log_name, cid))
         return ManagedConsole(self.vm, cid, ring_size=self.ring_size, log_path=log_path,
                        linger=self.linger)
 

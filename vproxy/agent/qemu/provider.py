@@ -54,9 +54,11 @@ class QemuProvider:
 
     async def describe(self) -> List[Dict[str, Any]]:
         """One dict per VM, for `vproxy ls`:
-        {"vm", "state", "qmp", "error",
+        {"vm", "aliases", "state", "qmp", "error",
          "consoles": [{"id", "status", "reason", "offset", "buffered", "viewers": [..],
                        "writer", "log"}],
          "channels": [{"name", "holder", "guest", "hotplugged"}],
-         "vnc": {"available", "viewers", "clients", "reason"}}"""
+         "vnc": {"available", "viewers", "clients", "reason", "auth"}}
+        ("aliases": the VM's other names, e.g. ["100"] for web1 found as 100.qmp;
+        "auth": the VNC server's own, which the agent skips.)"""
         return await self.registry.describe()

@@ -3,11 +3,22 @@
 VMs come from two places:
 - the configuration: (name, QMP socket path) pairs, served for the agent's lifetime
   (shown as "absent" while no QEMU answers);
-- a directory of QMP sockets: every socket file in it is a VM named after the file's
-  stem (``web1.qmp`` -> ``web1``). The directory is scanned every `scan_interval`
-  seconds (polling; no inotify), so sockets that appear later are picked up. A VM
-  whose socket file is gone and whose QEMU is not connected is dropped. Configured
-  names win over directory names.
+- a directory of QMP sockets: every socket named ``NAME.qmp`` (or with no suffix at
+  all) is a VM. Everything else there is ignored without a word: regular files
+  (``100.pid``) and sockets with another suffix (Proxmox's ``100.serial0``,
+  ``100.vnc``, ``100.qga`` beside ``100.qmp`` in /var/run/qemu-server). The directory
+  is scanned every `scan_interval` seconds (polling; no inotify), so sockets that
+  appear later are picked up. A VM whose socket file is gone and whose QEMU is not
+  connected is dropped. Configured names win over directory names.
+
+Naming a directory VM: its socket's stem (``100.qmp`` -> ``100``) is its `key`. When
+its QEMU has ``-name`` (``query-name``, asked on every QMP connection), the VM is known
+by that name and the key stays an alias: both open it, and an ACL rule matches it by
+either (`VM.names`; vproxy.agent.acl). The reported name is not used (the VM keeps its
+key, and a warning says why, once) when it is the key or configured name of another
+VM, when two sockets report the same name (both keep their keys), or when it is not a
+plain word (whitespace, control characters, "/" or a leading "-" or "."). Configured VMs
+keep the name the configuration gives them.
 
 Each VM has one `VMMonitor` that reconnects by itself when its QEMU comes back, and
 the channel kinds hanging off it (consoles, guest channels, VNC) as monitor owners:
@@ -21,12 +32,13 @@ import asyncio
 import logging
 import os
 import stat
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ._streams import RefuseCode, refuse
 from .console import DEFAULT_LINGER, DEFAULT_RING_SIZE, ConsoleSet
 from .guestchannel import GuestChannels
-from .monitor import EXCLUSIVE, make_monitor
+from .errors import QMPCommandError
+from .monitor import EXCLUSIVE, MonitorOwner, VMMonitor, make_monitor
 from .vnc import VncService
 
 log = logging.getLogger("vproxy.qemu.vms")
@@ -38,16 +50,51 @@ class VM:
     def __init__(self, name: str, qmp_path: str, *, source: str = "config",
                  ring_size: int = DEFAULT_RING_SIZE, log_dir: Optional[str] = None,
                  linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False,
-                 qmp_mode: str = EXCLUSIVE):
+                 qmp_mode: str = EXCLUSIVE,
+                 on_named: Optional[Callable[["VM"], None]] = None):
+        #: The name it was found by: the configured name, or the socket's stem. Stable
+        #: for the VM's life (console logs are named after it).
+        self.key = name
+        #: What it is known by: `key`, or QEMU's -name (see the module docstring).
         self.name = name
+        #: What ``query-name`` said on the last QMP connection ("" if no -name).
+        self.reported_name = ""
         self.qmp_path = str(qmp_path)
         self.source = source  # "config" or "dir"
         self.monitor = make_monitor(name, self.qmp_path, qmp_mode, resume_prelaunch=resume_prelaunch)
         self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger)
         self.channels = GuestChannels(name, linger=linger)
         self.vnc = VncService(name)
-        for owner in (self.consoles, self.channels, self.vnc):
+        owners: List[MonitorOwner] = [self.consoles, self.channels, self.vnc]
+        if source == "dir":  # first: the others set up under the VM's name
+            owners.insert(0, _Naming(self, on_named))
+        for owner in owners:
             self.monitor.add_owner(owner)
+        self._unused_name = ""  # the reported name last warned about
+
+    @property
+    def aliases(self) -> List[str]:
+        """Other names that open this VM (its socket's stem when it goes by -name)."""
+        return [self.key] if self.name != self.key else []
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """Every name of this VM, its name first: what ACL rules are matched against."""
+        return (self.name, *self.aliases)
+
+    def set_name(self, name: str) -> None:
+        """Be known as *name* (`key` or the reported name) from now on, in messages too."""
+        if name == self.name:
+            return
+        log.info("VM %s: now known as %s%s", self.name, name,
+                 " (alias %s)" % self.key if name != self.key else "")
+        self.name = name
+        self.monitor.name = name
+        self.consoles.vm = name
+        for console in self.consoles.consoles.values():
+            console.vm = name
+        self.channels.vm = name
+        self.vnc.vm = name
 
     def __repr__(self) -> str:
         return "<VM %s %s>" % (self.name, self.monitor.state)
@@ -77,6 +124,7 @@ class VM:
     def describe(self) -> Dict[str, Any]:
         return {
             "vm": self.name,
+            "aliases": self.aliases,
             "state": self.monitor.state,
             "qmp": self.qmp_path,
             "qmp_mode": self.monitor.mode,
@@ -85,6 +133,34 @@ class VM:
             "channels": self.channels.describe(),
             "vnc": self.vnc.describe(),
         }
+
+
+class _Naming(MonitorOwner):
+    """Asks a directory VM's QEMU for its -name (``query-name``) on every connection."""
+
+    def __init__(self, vm: VM, on_named: Optional[Callable[[VM], None]]):
+        self.vm = vm
+        self.on_named = on_named
+
+    def __repr__(self) -> str:
+        return "<naming of VM %s>" % self.vm.key
+
+    async def on_connected(self, monitor: VMMonitor) -> None:
+        try:
+            answer = await monitor.execute("query-name")
+        except QMPCommandError as e:  # a QEMU that cannot say: it keeps its socket's name
+            log.warning("VM %s: query-name failed, it keeps its socket's name: %s", self.vm.key, e)
+            answer = {}
+        name = answer.get("name", "") if isinstance(answer, dict) else ""
+        self.vm.reported_name = name if isinstance(name, str) else ""
+        if self.on_named is not None:
+            self.on_named(self.vm)
+
+
+def usable_name(name: str) -> bool:
+    """A -name the agent can use as a VM name: one plain word (see the module docstring)."""
+    return (0 < len(name) <= 128 and name.isprintable() and not any(c.isspace() for c in name)
+            and "/" not in name and not name.startswith(("-", ".")))
 
 
 class VMRegistry:
@@ -99,7 +175,8 @@ class VMRegistry:
         self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
                                 resume_prelaunch=resume_prelaunch, qmp_mode=qmp_mode)
         self._configured = list(vms)
-        self._vms: Dict[str, VM] = {}
+        self._vms: Dict[str, VM] = {}  # by key (configured name or socket stem)
+        self._index: Dict[str, VM] = {}  # by every name and alias (`_rename`)
         self._scanner: Optional[asyncio.Task] = None
         self._started = False
 
@@ -107,18 +184,29 @@ class VMRegistry:
         return "<VMRegistry %s>" % sorted(self._vms)
 
     def __iter__(self) -> Iterator[VM]:
-        return iter([self._vms[n] for n in sorted(self._vms)])
+        return iter(sorted(self._vms.values(), key=lambda vm: vm.name))
 
     def names(self) -> List[str]:
-        return sorted(self._vms)
+        """The names VMs are known by (not their aliases)."""
+        return sorted(vm.name for vm in self._vms.values())
+
+    def find(self, name: str) -> Optional[VM]:
+        """The VM known by *name* or with the alias *name*, or None."""
+        return self._index.get(name) or self._vms.get(name)
 
     def get(self, name: str) -> VM:
-        vm = self._vms.get(name)
+        vm = self.find(name)
         if vm is None:
             known = ", ".join(self.names()) or "none"
             raise refuse(RefuseCode.NO_SUCH_VM,
                          "no VM named %r on this host (known: %s)" % (name, known))
         return vm
+
+    def names_of(self, name: str) -> Tuple[str, ...]:
+        """Every name of the VM that *name* opens (its name, then its aliases), or just
+        (*name*,) if it opens none: what the ACL matches a request for *name* against."""
+        vm = self.find(name)
+        return vm.names if vm is not None else (name,)
 
     async def start(self) -> None:
         """Start monitoring configured VMs, scan the directory, keep scanning it."""
@@ -127,6 +215,7 @@ class VMRegistry:
             if name in self._vms:
                 raise ValueError("VM %r is configured twice" % name)
             self._add(VM(name, path, source="config", **self._vm_options))  # type: ignore[arg-type]
+        self._rename()
         if self.socket_dir is not None:
             await self.rescan()
             self._scanner = asyncio.ensure_future(self._scan_forever())
@@ -136,7 +225,7 @@ class VMRegistry:
             self._scanner.cancel()
             await asyncio.gather(self._scanner, return_exceptions=True)
             self._scanner = None
-        vms, self._vms = list(self._vms.values()), {}
+        vms, self._vms, self._index = list(self._vms.values()), {}, {}
         await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
 
     async def reconfigure(self, vms: Iterable[Tuple[str, str]],
@@ -161,6 +250,7 @@ class VMRegistry:
                 self._add(VM(name, new[name], source="config", **self._vm_options))  # type: ignore[arg-type]
                 added.append(name)
         self._configured = list(new.items())
+        self._rename()
         return added, removed
 
     async def rescan(self) -> None:
@@ -168,19 +258,64 @@ class VMRegistry:
         if self.socket_dir is None:
             return
         found = _scan(self.socket_dir)
+        changed = False
         for name, path in found.items():
             if name not in self._vms:
                 log.info("VM %s: found QMP socket %s", name, path)
-                self._add(VM(name, path, source="dir", **self._vm_options))  # type: ignore[arg-type]
+                self._add(VM(name, path, source="dir", on_named=self._named,
+                             **self._vm_options))  # type: ignore[arg-type]
+                changed = True
         for name, vm in list(self._vms.items()):
             if vm.source == "dir" and name not in found and not vm.monitor.connected:
-                log.info("VM %s: QMP socket %s is gone", name, vm.qmp_path)
+                log.info("VM %s: QMP socket %s is gone", vm.name, vm.qmp_path)
                 del self._vms[name]
+                changed = True
                 await vm.stop()
+        if changed:
+            self._rename()
 
     def _add(self, vm: VM) -> None:
-        self._vms[vm.name] = vm
+        self._vms[vm.key] = vm
         vm.start()
+
+    def _named(self, vm: VM) -> None:
+        """A directory VM's QEMU said its -name (`_Naming`)."""
+        if self._vms.get(vm.key) is vm:
+            self._rename()
+
+    def _rename(self) -> None:
+        """Give every directory VM its reported -name where that is unambiguous (the
+        module docstring has the rules), and index every VM by its names and aliases."""
+        keys = set(self._vms)
+        wanted: Dict[str, List[VM]] = {}
+        for vm in self._vms.values():
+            if vm.source == "dir" and vm.reported_name and vm.reported_name != vm.key:
+                wanted.setdefault(vm.reported_name, []).append(vm)
+        index: Dict[str, VM] = {}
+        for key in sorted(self._vms):
+            vm = self._vms[key]
+            name, why = vm.key, ""
+            reported = vm.reported_name
+            if vm.source == "dir" and reported and reported != vm.key:
+                if not usable_name(reported):
+                    why = "it is not a plain word"
+                elif reported in keys:
+                    other = self._vms[reported]
+                    why = "VM %s %s" % (reported, "is configured by that name" if other.source == "config"
+                                        else "has a QMP socket by that name (%s)" % other.qmp_path)
+                elif len(wanted[reported]) > 1:
+                    why = "the QEMUs of QMP sockets %s all say so" % ", ".join(
+                        sorted(v.qmp_path for v in wanted[reported]))
+                else:
+                    name = reported
+            if why and vm._unused_name != reported:
+                log.warning("VM %s: not known by its QEMU's -name %r (%s): it keeps the name of "
+                            "its QMP socket %s", vm.key, reported, why, vm.qmp_path)
+            vm._unused_name = reported if why else ""
+            vm.set_name(name)
+            for n in vm.names:
+                index[n] = vm
+        self._index = index
 
     async def _scan_forever(self) -> None:
         while True:
@@ -195,7 +330,9 @@ class VMRegistry:
 
 
 def _scan(directory: str) -> Dict[str, str]:
-    """name -> path of every socket file in *directory* (name: the file's stem)."""
+    """stem -> path of every QMP socket in *directory*: sockets named STEM.qmp, or
+    without a suffix. Other files are not QMP sockets (Proxmox keeps 100.serial0,
+    100.vnc, 100.qga and 100.pid beside 100.qmp) and are passed over in silence."""
     found: Dict[str, str] = {}
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -208,6 +345,10 @@ def _scan(directory: str) -> Dict[str, str]:
                 continue
         except OSError:
             continue
-        name = entry.name.rsplit(".", 1)[0] if "." in entry.name[1:] else entry.name
-        found.setdefault(name, entry.path)
+        stem, dot, suffix = entry.name.rpartition(".")
+        if not dot or not stem:  # no suffix (a leading dot is no suffix either)
+            stem = entry.name
+        elif suffix != "qmp":
+            continue
+        found.setdefault(stem, entry.path)
     return found

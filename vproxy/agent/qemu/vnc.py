@@ -11,6 +11,12 @@ Rules this module keeps:
   with no listening address) with ``-vnc none`` or ``-vnc :N``. (``query-vnc`` cannot:
   it says "disabled" for ``-vnc none`` too.) A QEMU built without VNC answers
   CommandNotFound.
+- A VNC server that asks for a password (Proxmox runs ``-vnc unix:PATH,password=on``;
+  ``-vnc none,password=on`` works too) is a display like any other: its server's
+  "auth" is "vnc" instead of "none", and ``skipauth`` makes QEMU offer the agent's
+  connections security type None all the same (verified on QEMU 7.2), so no password
+  is needed or asked for: the client's certificate and the ACL have decided. `describe`
+  reports the server's "auth".
 - Every viewer is shared: the RFB ClientInit "shared-flag" a client sends is forced to
   1 on the way in, so a viewer asking for exclusive access does not disconnect the
   others (QEMU's default share policy, allow-exclusive, would). Only the flag byte is
@@ -91,6 +97,7 @@ class VncService(MonitorOwner):
         self.viewers: Set[VncViewer] = set()
         self.available: Optional[bool] = None  # None: not known yet
         self.reason = ""
+        self.auth = ""  # the VNC server's own auth ("none", "vnc": a password...); skipped
         self._monitor: Optional[VMMonitor] = None
 
     async def on_connected(self, monitor: VMMonitor) -> None:
@@ -113,6 +120,7 @@ class VncService(MonitorOwner):
                            % self.vm)
             return False
         self.available = bool(servers)
+        self.auth = str(servers[0].get("auth", "")) if servers else ""
         self.reason = "" if servers else (
             "VM %s has no VNC display: start QEMU with -vnc none (vproxy needs no VNC "
             "listener, only the display)" % self.vm)
@@ -136,7 +144,7 @@ class VncService(MonitorOwner):
     def describe(self) -> Dict[str, Any]:
         return {"available": bool(self.available), "viewers": len(self.viewers),
                 "clients": sorted(str(v.identity) for v in self.viewers),
-                "reason": self.reason}
+                "reason": self.reason, "auth": self.auth}
 
 
 class VncViewer(GoneOnQemuExit):
