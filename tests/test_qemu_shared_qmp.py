@@ -111,9 +111,11 @@ def test_shared_qmp_socket_with_a_second_client(tmp_path, caplog):
                 await qm(path, "stop")
                 await wait_for(lambda: monitor.state == "paused", SHARED_POLL_INTERVAL + 3, "paused")
                 desc = (await registry.describe())[0]
-                assert (desc["vm"], desc["state"], desc["qmp_mode"]) == ("100", "paused", "shared")
+                # -name web1 names it, its socket's VMID stays an alias (as on a Proxmox host)
+                assert (desc["vm"], desc["aliases"], desc["state"], desc["qmp_mode"]) == (
+                    "web1", ["100"], "paused", "shared")
                 shown = format_listing({"host": "pve1", "error": "", "vms": [desc]})
-                assert shown.splitlines()[0] == "pve1/100  paused  (shared QMP, polled)"
+                assert shown.splitlines()[0] == "pve1/web1 (alias 100)  paused  (shared QMP, polled)"
                 await qm(path, "cont")
                 await wait_for(lambda: monitor.state == "running", SHARED_POLL_INTERVAL + 3, "running")
 
@@ -122,7 +124,7 @@ def test_shared_qmp_socket_with_a_second_client(tmp_path, caplog):
                 await holder.connect(path)
                 await asyncio.sleep(SHARED_POLL_INTERVAL + 1.5)
                 await holder.disconnect()
-                busy = ("QMP socket %s of VM 100 is busy (another client holds it): retrying" % path)
+                busy = ("QMP socket %s of VM web1 is busy (another client holds it): retrying" % path)
                 assert busy in [r.getMessage() for r in caplog.records]
                 await s.write(b"after\r")
                 assert await asyncio.wait_for(read_until(s, b"\r\n"), 10) == b"AFTER\r\n"
@@ -132,7 +134,7 @@ def test_shared_qmp_socket_with_a_second_client(tmp_path, caplog):
                 with pytest.raises(StreamResetError) as e:
                     await asyncio.wait_for(s.read(), 10)
                 assert e.value.code == ResetCode.CHANNEL_GONE
-                assert e.value.message == "VM 100 went away (QEMU exited)"
+                assert e.value.message == "VM web1 went away (QEMU exited)"
                 await asyncio.wait_for(s.task, 5)
                 await wait_for(lambda: monitor.state == "absent", 10, "absent")
                 vm.wait()
