@@ -9,6 +9,7 @@
     local_socket = "/run/vproxy/agent.sock"   # also serve local users, known by uid
     resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
     builtin_channels = "acl"        # sink/source/echo: "everyone" (default), "acl", "off"
+    adopt = ["pty", "socket"]       # consoles on ptys / socket servers others made (default both)
 
     [[vm]]
     name = "web1"
@@ -37,8 +38,13 @@ KEYS: Dict[str, Any] = {  # key -> its type, or a tuple of types, for isinstance
     "max_sessions_per_address": int,
     "max_streams": int, "vm": list, "allow": list, "local_socket": str,
     "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
-    "builtin_channels": str,
+    "builtin_channels": str, "adopt": list,
 }
+
+#: What ``adopt`` may list (as vproxy.agent.qemu.chardev.ADOPT_KINDS): a console whose
+#: chardev is a pty is opened like ``virsh console`` does, one on a socket server is
+#: connected to as its client; neither is changed.
+ADOPT_KINDS = ("pty", "socket")
 
 
 @dataclass
@@ -86,6 +92,10 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
     if out.settings.get("builtin_channels", "everyone") not in BUILTIN_POLICIES:
         raise UserError("%s: builtin_channels must be \"everyone\", \"acl\" or \"off\", not %r"
                         % (path, out.settings["builtin_channels"]))
+    adopt = out.settings.get("adopt", list(ADOPT_KINDS))
+    if not all(isinstance(k, str) and k in ADOPT_KINDS for k in adopt):
+        raise UserError("%s: adopt must list some of \"pty\" and \"socket\" (or be []), not %r"
+                        % (path, adopt))
     if out.settings.get("log_format", "text") not in ("text", "json"):
         raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
     return out

@@ -66,6 +66,7 @@ class AgentConfig:
     max_sessions_per_address: Optional[int] = None  # the same, per source IP (not local ones)
     builtin_channels: str = "everyone"  # who may open sink/source/echo: BUILTIN_POLICIES
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
+    adopt: Tuple[str, ...] = ("pty", "socket")  # chardevs made by others that consoles adopt
 
 
 class Agent:
@@ -135,7 +136,7 @@ class Agent:
 
             self.registry = VMRegistry(c.vms, c.vm_dir, ring_size=c.console_ring,
                                        log_dir=c.console_log_dir,
-                                       resume_prelaunch=c.resume_prelaunch)
+                                       resume_prelaunch=c.resume_prelaunch, adopt=c.adopt)
             await self.registry.start()
             self.providers["vm"] = QemuProvider(self.registry)
         if self._ssl is not None:

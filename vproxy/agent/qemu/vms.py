@@ -21,9 +21,10 @@ import asyncio
 import logging
 import os
 import stat
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ._streams import RefuseCode, refuse
+from .chardev import ADOPT_KINDS
 from .console import DEFAULT_LINGER, DEFAULT_RING_SIZE, ConsoleSet
 from .guestchannel import GuestChannels
 from .monitor import VMMonitor
@@ -37,12 +38,14 @@ class VM:
 
     def __init__(self, name: str, qmp_path: str, *, source: str = "config",
                  ring_size: int = DEFAULT_RING_SIZE, log_dir: Optional[str] = None,
-                 linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False):
+                 linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False,
+                 adopt: Sequence[str] = ADOPT_KINDS):
         self.name = name
         self.qmp_path = str(qmp_path)
         self.source = source  # "config" or "dir"
         self.monitor = VMMonitor(name, self.qmp_path, resume_prelaunch=resume_prelaunch)
-        self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger)
+        self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger,
+                                   adopt=adopt)
         self.channels = GuestChannels(name, linger=linger)
         self.vnc = VncService(name)
         for owner in (self.consoles, self.channels, self.vnc):
@@ -91,11 +94,11 @@ class VMRegistry:
     def __init__(self, vms: Iterable[Tuple[str, str]] = (), socket_dir: Optional[str] = None,
                  *, scan_interval: float = 1.0, ring_size: int = DEFAULT_RING_SIZE,
                  log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER,
-                 resume_prelaunch: bool = False):
+                 resume_prelaunch: bool = False, adopt: Sequence[str] = ADOPT_KINDS):
         self.socket_dir = socket_dir
         self.scan_interval = scan_interval
         self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
-                                resume_prelaunch=resume_prelaunch)
+                                resume_prelaunch=resume_prelaunch, adopt=tuple(adopt))
         self._configured = list(vms)
         self._vms: Dict[str, VM] = {}
         self._scanner: Optional[asyncio.Task] = None
