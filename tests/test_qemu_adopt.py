@@ -222,8 +222,17 @@ def test_socket_in_use_by_another_client(tmp_path):
                         assert time.monotonic() < deadline
                         await asyncio.sleep(0.1)
                 assert registry.get("web1").consoles.describe()[0]["held"] == "adopted socket"
+                # QEMU may only now send the banner it could not write while the other
+                # client held the socket: the guest reads no input while it prints, so wait
+                # for the console to be quiet before typing
+                c = registry.get("web1").consoles.consoles["serial0"]
+                last, quiet = c.offset, time.monotonic()
+                while time.monotonic() - quiet < 0.5:
+                    await asyncio.sleep(0.05)
+                    if c.offset != last:
+                        last, quiet = c.offset, time.monotonic()
                 await s.write(b"mine\r")
-                assert (await read_until(s, b"\r\n")).endswith(b"MINE\r\n")
+                assert (await read_until(s, b"MINE\r\n")).endswith(b"MINE\r\n")
                 await end(s)
 
         asyncio.run(main())
@@ -250,3 +259,34 @@ def test_adopt_off_keeps_refusal(tmp_path):
         asyncio.run(main())
     finally:
         vm.terminate()
+
+
+def test_backend_kinds_from_query_chardev_strings():
+    """The filename strings QEMU 7.2's query-chardev printed for each shape (checked by
+    starting them), and what the agent makes of them."""
+    from vproxy.agent.qemu import chardev
+
+    kinds = {
+        "pty:/dev/pts/3": chardev.PTY,
+        "disconnected:unix:/var/run/qemu-server/100.serial0,server=on": chardev.SOCKET_SERVER,
+        "unix:/var/run/qemu-server/100.serial0,server=on": chardev.SOCKET_SERVER_HELD,
+        "disconnected:tcp:127.0.0.1:4555,server=on": chardev.SOCKET_SERVER,
+        "tcp:127.0.0.1:4555,server=on <-> 127.0.0.1:59044": chardev.SOCKET_SERVER_HELD,
+        "disconnected:tcp:127.0.0.1:45553": chardev.OTHER,  # a socket client to elsewhere
+        "unix:/run/other.sock": chardev.OTHER,
+        "file": chardev.OTHER,
+        "stdio": chardev.OTHER,
+        "mux": chardev.MUX,
+        "null": chardev.NULL,
+        "unix:": chardev.OURS,
+        "disconnected:fd:vpc_serial0": chardev.OURS_DISCONNECTED,
+    }
+    for filename, kind in kinds.items():
+        assert chardev.backend_kind(filename) == kind, filename
+    assert str(chardev.socket_server("tcp:127.0.0.1:4555,server=on <-> 127.0.0.1:1")) == "127.0.0.1:4555"
+    assert str(chardev.socket_server("disconnected:tcp:[::1]:4555,server=on")) == "[::1]:4555"
+
+    async def local():
+        return [await chardev.is_local_address(h) for h in ("127.0.0.1", "localhost", "0.0.0.0", "192.0.2.1")]
+
+    assert asyncio.run(local()) == [True, True, True, False]

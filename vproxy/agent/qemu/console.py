@@ -7,7 +7,8 @@ Rules this module keeps:
   the ``adopt`` setting allows its kind: a pty is opened raw ("adopted pty"), a socket
   server on this host is connected to ("adopted socket"); one held by another client
   is refused "in use" and tried again at the next open. Either way the console reads
-  a `HostSide` (vproxy.agent.qemu.hostside), and everything below is the same. To capture it from the very first byte, start QEMU paused (``-S``) and
+  a `HostSide` (vproxy.agent.qemu.hostside), and everything below is the same.
+  To capture boot output from the very first byte, start QEMU paused (``-S``) and
   either give the agent ``resume_prelaunch`` (``vproxy serve --resume-prelaunch``):
   once every owner's ``on_connected`` has run, a VM in "prelaunch" (-S, never ran)
   gets ``cont`` (VMMonitor._resume_from_prelaunch; on every QEMU (re)start; never a
