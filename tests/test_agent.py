@@ -170,6 +170,26 @@ def test_resume_prelaunch_config_key_is_a_bool(tmp_path):
     assert "resume_prelaunch must be true or false, not 'true' (str)" in info.value.message
 
 
+def test_adopt_config_key_and_option():
+    """adopt = [...] lists "pty" and/or "socket"; --adopt takes pty,socket / pty / socket / none."""
+    from vproxy.agent.config import parse_agent_config
+    from vproxy.cli.serve import parse_adopt
+
+    assert "adopt" not in parse_agent_config({}).settings  # default: both (unset)
+    for value in ([], ["pty"], ["socket"], ["pty", "socket"]):
+        assert parse_agent_config({"adopt": value}).settings["adopt"] == value
+    for bad in (["file"], ["pty", 1], "pty"):
+        with pytest.raises(UserError) as info:
+            parse_agent_config({"adopt": bad}, "agent.toml")
+        assert info.value.message.startswith("agent.toml: adopt "), info.value.message
+    assert parse_adopt("pty,socket") == ("pty", "socket")
+    assert parse_adopt("socket") == ("socket",)
+    assert parse_adopt("none") == ()
+    with pytest.raises(UserError) as info:
+        parse_adopt("tty")
+    assert info.value.message == "--adopt 'tty': expected pty, socket, pty,socket or none"
+
+
 def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
     """AgentConfig.resume_prelaunch -> VMRegistry -> VM -> VMMonitor, also for VMs found in
     vm_dir and VMs a reload adds; default off."""

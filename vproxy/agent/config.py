@@ -10,6 +10,7 @@
     resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
     qmp = "exclusive"               # "shared": connect per command, poll (sockets others use)
     builtin_channels = "acl"        # sink/source/echo: "everyone" (default), "acl", "off"
+    adopt = ["pty", "socket"]       # consoles on ptys / socket servers others made (default both)
 
     [[vm]]
     name = "web1"
@@ -38,10 +39,15 @@ KEYS: Dict[str, Any] = {  # key -> its type, or a tuple of types, for isinstance
     "max_sessions_per_address": int,
     "max_streams": int, "vm": list, "allow": list, "local_socket": str,
     "drain_timeout": (int, float), "metrics": str, "log_format": str, "resume_prelaunch": bool,
-    "builtin_channels": str, "qmp": str,
+    "builtin_channels": str, "qmp": str, "adopt": list,
 }
 
 QMP_MODES = ("exclusive", "shared")  # vproxy.agent.qemu.monitor's, without importing qemu.qmp
+
+#: What ``adopt`` may list (as vproxy.agent.qemu.chardev.ADOPT_KINDS): a console whose
+#: chardev is a pty is opened like ``virsh console`` does, one on a socket server is
+#: connected to as its client; neither is changed.
+ADOPT_KINDS = ("pty", "socket")
 
 
 @dataclass
@@ -92,6 +98,10 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
     if out.settings.get("qmp", "exclusive") not in QMP_MODES:
         raise UserError("%s: qmp must be \"exclusive\" or \"shared\", not %r (the QMP socket of a "
                         "[[vm]] is its own qmp = \"/path\")" % (path, out.settings["qmp"]))
+    adopt = out.settings.get("adopt", list(ADOPT_KINDS))
+    if not all(isinstance(k, str) and k in ADOPT_KINDS for k in adopt):
+        raise UserError("%s: adopt must list some of \"pty\" and \"socket\" (or be []), not %r"
+                        % (path, adopt))
     if out.settings.get("log_format", "text") not in ("text", "json"):
         raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
     return out

@@ -180,7 +180,7 @@ async def _apply_vms(agent: "Agent", vms: List[Tuple[str, str]], outcome: Outcom
 
         c = agent.config
         registry = VMRegistry([], None, ring_size=c.console_ring, log_dir=c.console_log_dir,
-                              resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp)
+                              resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp, adopt=c.adopt)
         await registry.start()
         agent.registry = registry
         agent.providers["vm"] = QemuProvider(registry)

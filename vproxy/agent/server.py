@@ -67,6 +67,7 @@ class AgentConfig:
     builtin_channels: str = "everyone"  # who may open sink/source/echo: BUILTIN_POLICIES
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
     qmp: str = "exclusive"  # QMP mode of every VM: "exclusive" or "shared" (vproxy.agent.qemu.monitor)
+    adopt: Tuple[str, ...] = ("pty", "socket")  # chardevs made by others that consoles adopt
 
 
 class Agent:
@@ -136,7 +137,8 @@ class Agent:
 
             self.registry = VMRegistry(c.vms, c.vm_dir, ring_size=c.console_ring,
                                        log_dir=c.console_log_dir,
-                                       resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp)
+                                       resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp,
+                                       adopt=c.adopt)
             await self.registry.start()
             self.providers["vm"] = QemuProvider(self.registry)
         if self._ssl is not None:

@@ -74,8 +74,12 @@ def format_listing(result: dict) -> str:
         for con in vm.get("consoles", []):
             who = ", ".join(con["viewers"]) or "nobody attached"
             writer = "; writer %s" % con["writer"] if con.get("writer") else ""
-            lines.append("  console:%-22s %s, %d bytes buffered; %s%s"
-                         % (con["id"], con["status"], con["buffered"], who, writer))
+            held = con.get("held", "")  # taken over, adopted pty, adopted socket
+            if held and con.get("held_where"):
+                held = "%s %s" % (held, con["held_where"])
+            lines.append("  console:%-22s %s%s, %d bytes buffered; %s%s"
+                         % (con["id"], con["status"], " (%s)" % held if held else "",
+                            con["buffered"], who, writer))
         for ch in vm.get("channels", []):
             lines.append("  channel:%-22s guest %s; %s" % (ch["name"], ch.get("guest", "?"),
                                                         ch.get("holder") or "free"))

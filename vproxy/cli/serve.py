@@ -8,7 +8,7 @@ the file again on SIGHUP with the same command line laid over it.
 """
 
 import logging
-from typing import Any, Callable, Collection, Dict, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, Optional, Sequence, Tuple
 
 import click
 
@@ -58,6 +58,11 @@ from .common import resolve_tls, run_async, tls_options
                    "\"shared\" connects for each command and lets go at once, polling the VM's "
                    "state every 2 s, for sockets something else also uses (Proxmox's "
                    "/var/run/qemu-server/VMID.qmp). [default: exclusive]")
+@click.option("--adopt", "adopt", default=None, metavar="KINDS",
+              help="Which chardevs made by others a console adopts, without changing them: "
+                   "\"pty,socket\", \"pty\", \"socket\" or \"none\" (a pty is opened as "
+                   "virsh console does; a socket server on this host is connected to as its "
+                   "client). [default: pty,socket]")
 @click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
               help="Refuse a client identity more than N concurrent sessions (GOAWAY "
                    "OVERLOADED, naming the identity and the limit). [default: no limit]")
@@ -77,7 +82,8 @@ from .common import resolve_tls, run_async, tls_options
               help="Also listen on the unix socket PATH, without TLS, for local users: the "
                    "ACL names them uid:N and user:NAME. Without a certificate, only there.")
 def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir,
-          handshake_timeout, drain_timeout, metrics, resume_prelaunch, qmp_mode, max_sessions_per_identity,
+          handshake_timeout, drain_timeout, metrics, resume_prelaunch, qmp_mode, adopt,
+          max_sessions_per_identity,
           max_sessions_per_address, builtin_channels, log_format, audit_log, local_socket,
           **tls_args) -> None:
     """Run the agent: accept mTLS sessions and serve the VMs' channels.
@@ -111,6 +117,11 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
                                  ("builtin_channels", builtin_channels), ("qmp", qmp_mode)) if v}
     if resume_prelaunch is not None:
         overridden.add("resume_prelaunch")
+    if adopt is not None:
+        overridden.add("adopt")
+        adopt_kinds = parse_adopt(adopt)
+    else:
+        adopt_kinds = tuple(settings.get("adopt", ("pty", "socket")))
     for key in ("identity", "cert", "key", "ca", "crl", "pki_dir"):
         if not tls_args.get(key) and settings.get(key):
             tls_args[key] = settings[key]
@@ -148,6 +159,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
                           else settings.get("resume_prelaunch", False)),
         qmp=qmp_mode or settings.get("qmp", "exclusive"),
+        adopt=adopt_kinds,
         mux_config=mux_config(settings),
         local_socket=local_socket, **paths)
     reloader = make_reloader(config_path, cli_tls, allow, vms, drain_timeout, bool(paths["cert"]),
@@ -252,7 +264,18 @@ def _no_reloader():
 RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log_dir",
                 "audit_log", "handshake_timeout", "metrics", "log_format", "resume_prelaunch",
                 "max_sessions", "max_sessions_per_identity", "max_sessions_per_address",
-                "max_streams", "builtin_channels", "qmp")
+                "max_streams", "builtin_channels", "qmp", "adopt")
+
+
+def parse_adopt(value: str) -> Tuple[str, ...]:
+    """--adopt: "pty,socket", "pty", "socket" or "none"."""
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    if kinds == ("none",):
+        return ()
+    if not kinds or not all(k in ("pty", "socket") for k in kinds):
+        raise UserError("--adopt %r: expected pty, socket, pty,socket or none" % value,
+                        hint="e.g. --adopt pty,socket (the default) or --adopt none")
+    return kinds
 
 
 def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Sequence[str],

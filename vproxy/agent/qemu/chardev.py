@@ -10,7 +10,18 @@ end is, by its "filename":
     unix:                     an fd socket with a peer: held by (an earlier) vproxy agent
     disconnected:fd:NAME      an fd socket whose peer closed: re-attach with add_client
     mux                       a mux (-serial mon:stdio, -nographic): cannot be changed
-    anything else             pty, file, stdio, a user's socket...: not ours to take
+    pty:/dev/pts/N            a pty (libvirt's default): adopted by opening that path
+    disconnected:unix:PATH,server=on
+    disconnected:tcp:HOST:PORT,server=on
+                              a free socket server (Proxmox, libvirt mode='bind', CI
+                              scripts): adopted by connecting to it as its client
+    unix:PATH,server=on       the same, held by another client: a second connect()
+    tcp:HOST:PORT,server=on <-> PEER:PORT
+                              would succeed and then hang, so it is refused as "in use"
+    anything else             file, stdio, a socket client to elsewhere...: not ours to take
+
+(The strings are QEMU 7.2's. Adopting never changes the chardev: whatever made it, e.g.
+``virsh console`` or a Proxmox ``qm terminal``, still finds it as it was.)
 
 Taking over means: a socketpair, one end passed to QEMU, and either ``chardev-change``
 (``"server": false`` is required: QMP defaults to server) or, for a disconnected fd
@@ -20,10 +31,12 @@ non-blocking.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, List
+from typing import Any, Callable, Collection, Dict, List, Optional, Union
 
+from .hostside import ADOPTED_SOCKET, FdSide, SocketSide, open_pty
 from .monitor import VMMonitor
 
 #: QOM containers where front-end devices live.
@@ -36,6 +49,12 @@ OURS_DISCONNECTED = "ours-disconnected"
 MUX = "mux"
 OTHER = "other"
 MISSING = "missing"
+PTY = "pty"
+SOCKET_SERVER = "socket-server"  # free: the agent connects as its client
+SOCKET_SERVER_HELD = "socket-server-held"  # another client holds it
+
+#: What the ``adopt`` setting may name, and its default (both).
+ADOPT_KINDS = ("pty", "socket")
 
 
 @dataclass
@@ -82,7 +101,105 @@ def backend_kind(filename: str) -> str:
         return OURS_DISCONNECTED
     if filename == "mux":
         return MUX
+    if filename.startswith("pty:"):
+        return PTY
+    server = socket_server(filename)
+    if server is not None:
+        return SOCKET_SERVER if filename.startswith("disconnected:") else SOCKET_SERVER_HELD
     return OTHER
+
+
+@dataclass(frozen=True)
+class SocketServer:
+    """A socket server chardev's listening address, from its query-chardev filename."""
+
+    path: str = ""  # unix
+    host: str = ""  # tcp
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path:
+            return self.path
+        return "[%s]:%d" % (self.host, self.port) if ":" in self.host else "%s:%d" % (self.host, self.port)
+
+
+def socket_server(filename: str) -> Optional[SocketServer]:
+    """The address of a unix or TCP socket SERVER chardev (free or held), else None
+    (clients, telnet, websocket and everything else)."""
+    name = filename[len("disconnected:"):] if filename.startswith("disconnected:") else filename
+    name = name.split(" <-> ", 1)[0]
+    if not name.endswith(",server=on"):
+        return None
+    name = name[:-len(",server=on")]
+    if name.startswith("unix:") and len(name) > 5:
+        return SocketServer(path=name[5:])
+    if name.startswith("tcp:"):
+        host, _, port = name[4:].rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if port.isdigit():
+            return SocketServer(host=host, port=int(port))
+    return None
+
+
+def pty_path(filename: str) -> str:
+    """pty:/dev/pts/N -> /dev/pts/N"""
+    return filename[len("pty:"):]
+
+
+async def is_local_address(host: str) -> bool:
+    """Is *host* (a name or an address) one of this host's own addresses? (It is, if a
+    socket can be bound to it.)"""
+    if host in ("", "0.0.0.0", "::"):
+        return True
+    loop = asyncio.get_event_loop()
+    try:
+        infos = await loop.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((addr[0], 0) + tuple(addr[2:]))
+        except OSError:
+            continue
+        return True
+    return False
+
+
+async def connect_socket_server(server: SocketServer) -> SocketSide:
+    """Connect to a free socket server chardev as its client (raises OSError)."""
+    loop = asyncio.get_event_loop()
+    if server.path:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = server.path
+    else:
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(server.host, server.host)
+        family, _, _, _, target = (await loop.getaddrinfo(host, server.port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, target), 5.0)
+    except BaseException:
+        sock.close()
+        raise
+    if not server.path:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return SocketSide(sock, ADOPTED_SOCKET, str(server))
+
+
+async def adopt(filename: str) -> Union[FdSide, SocketSide]:
+    """The agent's host side of a chardev of kind PTY or SOCKET_SERVER (see
+    backend_kind), without changing the chardev. Raises OSError (also asyncio's
+    TimeoutError, an OSError from 3.11 on) when the pty or socket cannot be opened."""
+    if filename.startswith("pty:"):
+        return open_pty(pty_path(filename))
+    server = socket_server(filename)
+    assert server is not None, filename
+    try:
+        return await connect_socket_server(server)
+    except asyncio.TimeoutError:
+        raise OSError("connecting to %s timed out" % server) from None
 
 
 def fd_socket_backend(fdname: str) -> Dict[str, Any]:

@@ -3,7 +3,12 @@
 Rules this module keeps:
 - As soon as a VM's QMP connects (`ConsoleSet.on_connected`), every serial port's
   chardev is taken over (vproxy.agent.qemu.chardev): boot output is captured before anyone
-  attaches. To capture it from the very first byte, start QEMU paused (``-S``) and
+  attaches. A chardev someone else gave a host side is adopted instead, unchanged, if
+  the ``adopt`` setting allows its kind: a pty is opened raw ("adopted pty"), a socket
+  server on this host is connected to ("adopted socket"); one held by another client
+  is refused "in use" and tried again at the next open. Either way the console reads
+  a `HostSide` (vproxy.agent.qemu.hostside), and everything below is the same.
+  To capture boot output from the very first byte, start QEMU paused (``-S``) and
   either give the agent ``resume_prelaunch`` (``vproxy serve --resume-prelaunch``):
   once every owner's ``on_connected`` has run, a VM in "prelaunch" (-S, never ran)
   gets ``cont`` (VMMonitor._resume_from_prelaunch; on every QEMU (re)start; never a
@@ -48,18 +53,18 @@ import asyncio
 import logging
 import os
 import secrets
-import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from vproxy.net.tasks import Nursery
 
 from . import chardev
 from ._streams import (
     FRAME_CHUNK, STREAM_ERRORS, RefuseCode, ResetCode, int_option, refuse, safe_close,
-    safe_notify, safe_reset, socket_chunks,
+    safe_notify, safe_reset,
 )
 from .errors import QemuError
+from .hostside import TAKEN_OVER, HostSide, SocketSide
 from .monitor import MonitorOwner, VMMonitor
 from .ring import RingBuffer
 
@@ -91,9 +96,12 @@ class ManagedConsole:
         self.linger = linger
         self.status = DETACHED
         self.reason = "not taken over yet"
+        self.held = ""  # how the chardev is held while attached: hostside.TAKEN_OVER, ...
+        self.held_where = ""  # the pty or socket adopted
+        self.retry = False  # UNAVAILABLE for now only (in use, cannot open): try again on open
         self.viewers: List[ConsoleViewer] = []
         self.writer: Optional[ConsoleViewer] = None
-        self._sock: Optional[socket.socket] = None
+        self._side: Optional[HostSide] = None
         self._reader: Optional[asyncio.Task] = None
         self._input_lock: Optional[asyncio.Lock] = None
         self._log = None  # type: Any
@@ -108,28 +116,31 @@ class ManagedConsole:
 
     # ------------------------------------------------------------------ QEMU side
 
-    def attach(self, sock: socket.socket, monitor: Optional[VMMonitor] = None) -> None:
-        """Start reading *sock*, the agent's end of the chardev."""
-        self._close_socket()
-        self._sock = sock
+    def attach(self, side: HostSide, monitor: Optional[VMMonitor] = None) -> None:
+        """Start reading *side*, the agent's end of the chardev."""
+        self._close_side()
+        self._side = side
         self._monitor = monitor
         self.status, self.reason = ATTACHED, ""
+        self.held, self.held_where = side.how, side.where
         if self.log_path and self._log is None:
             try:
                 self._log = open(self.log_path, "ab", buffering=0)
             except OSError as e:
                 log.error("console %s of VM %s: cannot open log %s: %s", self.id, self.vm,
                           self.log_path, e)
-        self._reader = asyncio.ensure_future(self._read_loop(sock))
+        self._reader = asyncio.ensure_future(self._read_loop(side))
 
-    def mark_unavailable(self, reason: str) -> None:
-        self._close_socket()
+    def mark_unavailable(self, reason: str, retry: bool = False) -> None:
+        """*retry*: the next open tries again (a socket server's other client may have left)."""
+        self._close_side()
         self.status, self.reason = UNAVAILABLE, reason
+        self.retry = retry
         self.end_viewers(reason)
 
     def detach(self, reason: str) -> None:
         """QEMU went away (or dropped our end): stop reading, reset every viewer."""
-        self._close_socket()
+        self._close_side()
         self.status, self.reason = DETACHED, reason
         self.end_viewers(reason)
 
@@ -144,42 +155,39 @@ class ManagedConsole:
         for viewer in viewers:
             viewer.gone(reason)
 
-    def _close_socket(self) -> None:
+    def _close_side(self) -> None:
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
         self._reader = None
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._drain(sock)  # the last words of a dying QEMU (a panic...) are kept
-            sock.close()
+        side, self._side = self._side, None
+        if side is not None:
+            self._drain(side)  # the last words of a dying QEMU (a panic...) are kept
+            side.close()
 
-    def _drain(self, sock: socket.socket) -> None:
+    def _drain(self, side: HostSide) -> None:
         while True:
-            try:
-                data = sock.recv(FRAME_CHUNK)
-            except OSError:  # BlockingIOError: nothing more for now
-                return
-            if not data:
+            data = side.read_nowait()
+            if data is None:
                 return
             self._received(data)
 
-    async def _read_loop(self, sock: socket.socket) -> None:
-        async for data in socket_chunks(sock):
+    async def _read_loop(self, side: HostSide) -> None:
+        async for data in side.chunks():
             self._received(data)
         # QEMU closed our end: usually it exited (the monitor will say so in a moment),
         # else someone changed the chardev behind our back.
-        if self._sock is not sock:
+        if self._side is not side:
             return
-        self._sock = None
+        self._side = None
         self._reader = None
-        sock.close()
+        side.close()
         reason = ("console %s of VM %s lost its connection to QEMU (was its chardev changed "
                   "by someone else?)" % (self.id, self.vm))
         self.status, self.reason = DETACHED, reason
         monitor = self._monitor
         if monitor is not None and not await monitor.is_alive():
             reason = monitor.gone_message()  # QEMU exited: the monitor says so too
-        if self._sock is None and self.status == DETACHED:
+        if self._side is None and self.status == DETACHED:
             self.detach(reason)
 
     def _received(self, data: bytes) -> None:
@@ -200,11 +208,11 @@ class ManagedConsole:
         if self._input_lock is None:
             self._input_lock = asyncio.Lock()
         async with self._input_lock:
-            sock = self._sock
-            if sock is None:
+            side = self._side
+            if side is None:
                 return  # detached: the viewer is being reset anyway
             try:
-                await asyncio.get_event_loop().sock_sendall(sock, data)
+                await side.send(data)
             except OSError:
                 pass  # the reader sees the EOF and handles it
 
@@ -281,6 +289,8 @@ class ManagedConsole:
             "id": self.id,
             "status": self.status,
             "reason": self.reason,
+            "held": self.held if self.status == ATTACHED else "",
+            "held_where": self.held_where if self.status == ATTACHED else "",
             "offset": self.ring.end,
             "buffered": len(self.ring),
             "viewers": [str(v.identity) for v in self.viewers],
@@ -411,9 +421,11 @@ class ConsoleSet(MonitorOwner):
     """All consoles of one VM; takes them over whenever its QEMU (re)appears."""
 
     def __init__(self, vm: str, *, ring_size: int = DEFAULT_RING_SIZE,
-                 log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER):
+                 log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER,
+                 adopt: Sequence[str] = chardev.ADOPT_KINDS):
         self.vm = vm  # the VM's name in messages (it may change: vproxy.agent.qemu.vms)
         self.log_name = vm  # the VM's name in log file names (it does not)
+        self.adopt = tuple(adopt)  # which kinds of chardev made by others to adopt: "pty", "socket"
         self.ring_size = ring_size
         self.log_dir = log_dir
         self.linger = linger
@@ -456,6 +468,9 @@ class ConsoleSet(MonitorOwner):
                 "console %s of VM %s is a mux chardev (-serial mon:stdio or -nographic) and "
                 "cannot be taken over: %s" % (cid, self.vm, _HOW_TO % (cid, cid)))
             return
+        if kind in (chardev.PTY, chardev.SOCKET_SERVER, chardev.SOCKET_SERVER_HELD):
+            await self._adopt(monitor, console, kind, filename)
+            return
         if kind == chardev.OTHER:
             console.mark_unavailable(
                 "console %s of VM %s is connected to %r, which vproxy does not take over: %s"
@@ -467,8 +482,39 @@ class ConsoleSet(MonitorOwner):
             console.mark_unavailable("console %s of VM %s cannot be taken over: %s"
                                      % (cid, self.vm, e))
             return
-        console.attach(sock, monitor)
+        console.attach(SocketSide(sock, TAKEN_OVER), monitor)
         log.info("VM %s: console %s taken over (%s)", self.vm, cid, filename)
+
+    async def _adopt(self, monitor: VMMonitor, console: ManagedConsole, kind: str, filename: str) -> None:
+        """Become the client of a pty or socket server chardev someone else made."""
+        cid = console.id
+        setting = "pty" if kind == chardev.PTY else "socket"
+        what = ("a pty (%s)" % chardev.pty_path(filename) if kind == chardev.PTY
+                else "the socket server %s" % chardev.socket_server(filename))
+        if setting not in self.adopt:
+            console.mark_unavailable(
+                "console %s of VM %s is %s, which this agent does not adopt (its adopt "
+                "setting leaves out %r): add it, or %s"
+                % (cid, self.vm, what, setting, _HOW_TO % (cid, cid)))
+            return
+        if kind == chardev.SOCKET_SERVER_HELD:
+            console.mark_unavailable("console %s of VM %s is in use by another client of %s"
+                                     % (cid, self.vm, chardev.socket_server(filename)), retry=True)
+            return
+        server = chardev.socket_server(filename)
+        if server is not None and server.host and not await chardev.is_local_address(server.host):
+            console.mark_unavailable(
+                "console %s of VM %s is a socket server on %s, which is not an address of "
+                "this host: vproxy adopts only sockets it can reach locally" % (cid, self.vm, server))
+            return
+        try:
+            side = await chardev.adopt(filename)
+        except OSError as e:
+            console.mark_unavailable("console %s of VM %s: cannot open %s: %s"
+                                     % (cid, self.vm, what, e.strerror or e), retry=True)
+            return
+        console.attach(side, monitor)
+        log.info("VM %s: console %s adopted (%s)", self.vm, cid, filename)
 
     def on_lost(self, reason: str) -> None:
         for console in self.consoles.values():
@@ -489,8 +535,10 @@ class ConsoleSet(MonitorOwner):
             raise refuse(RefuseCode.NO_SUCH_CHANNEL, "VM %s has no console %r (consoles: %s)"
                          % (self.vm, name, ", ".join(self.consoles)))
         monitor = self._monitor
-        if console.status == DETACHED and monitor is not None and monitor.connected:
-            # We lost our end while QEMU lives on: try to get it back.
+        if ((console.status == DETACHED or (console.status == UNAVAILABLE and console.retry))
+                and monitor is not None and monitor.connected):
+            # We lost our end while QEMU lives on, or another client held the socket we
+            # adopt: try (again) to get it.
             try:
                 backends = await chardev.chardev_backends(monitor)
             except QemuError:

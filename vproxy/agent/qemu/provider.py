@@ -55,8 +55,9 @@ class QemuProvider:
     async def describe(self) -> List[Dict[str, Any]]:
         """One dict per VM, for `vproxy ls`:
         {"vm", "aliases", "state", "qmp", "error",
-         "consoles": [{"id", "status", "reason", "offset", "buffered", "viewers": [..],
-                       "writer", "log"}],
+         "consoles": [{"id", "status", "reason", "held" ("taken over", "adopted pty",
+                       "adopted socket"; "" unless attached), "held_where" (the pty or
+                       socket adopted), "offset", "buffered", "viewers": [..], "writer", "log"}],
          "channels": [{"name", "holder", "guest", "hotplugged"}],
          "vnc": {"available", "viewers", "clients", "reason", "auth"}}
         ("aliases": the VM's other names, e.g. ["100"] for web1 found as 100.qmp;

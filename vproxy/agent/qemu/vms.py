@@ -32,9 +32,10 @@ import asyncio
 import logging
 import os
 import stat
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ._streams import RefuseCode, refuse
+from .chardev import ADOPT_KINDS
 from .console import DEFAULT_LINGER, DEFAULT_RING_SIZE, ConsoleSet
 from .guestchannel import GuestChannels
 from .errors import QMPCommandError
@@ -50,7 +51,7 @@ class VM:
     def __init__(self, name: str, qmp_path: str, *, source: str = "config",
                  ring_size: int = DEFAULT_RING_SIZE, log_dir: Optional[str] = None,
                  linger: float = DEFAULT_LINGER, resume_prelaunch: bool = False,
-                 qmp_mode: str = EXCLUSIVE,
+                 qmp_mode: str = EXCLUSIVE, adopt: Sequence[str] = ADOPT_KINDS,
                  on_named: Optional[Callable[["VM"], None]] = None):
         #: The name it was found by: the configured name, or the socket's stem. Stable
         #: for the VM's life (console logs are named after it).
@@ -62,7 +63,8 @@ class VM:
         self.qmp_path = str(qmp_path)
         self.source = source  # "config" or "dir"
         self.monitor = make_monitor(name, self.qmp_path, qmp_mode, resume_prelaunch=resume_prelaunch)
-        self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger)
+        self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger,
+                                   adopt=adopt)
         self.channels = GuestChannels(name, linger=linger)
         self.vnc = VncService(name)
         owners: List[MonitorOwner] = [self.consoles, self.channels, self.vnc]
@@ -169,11 +171,13 @@ class VMRegistry:
     def __init__(self, vms: Iterable[Tuple[str, str]] = (), socket_dir: Optional[str] = None,
                  *, scan_interval: float = 1.0, ring_size: int = DEFAULT_RING_SIZE,
                  log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER,
-                 resume_prelaunch: bool = False, qmp_mode: str = EXCLUSIVE):
+                 resume_prelaunch: bool = False, qmp_mode: str = EXCLUSIVE,
+                 adopt: Sequence[str] = ADOPT_KINDS):
         self.socket_dir = socket_dir
         self.scan_interval = scan_interval
         self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
-                                resume_prelaunch=resume_prelaunch, qmp_mode=qmp_mode)
+                                resume_prelaunch=resume_prelaunch, qmp_mode=qmp_mode,
+                                adopt=tuple(adopt))
         self._configured = list(vms)
         self._vms: Dict[str, VM] = {}  # by key (configured name or socket stem)
         self._index: Dict[str, VM] = {}  # by every name and alias (`_rename`)
