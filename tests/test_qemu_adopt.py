@@ -174,13 +174,23 @@ def test_unix_socket_proxmox_shape(tmp_path):
 
 
 def test_tcp_socket_server(tmp_path):
-    """-serial tcp:127.0.0.1:PORT,server=on,wait=off (the CI script shape)."""
+    """-serial tcp:127.0.0.1:PORT,server=on,wait=off (the CI script shape); QEMU killed
+    and restarted on the same port: the console comes back."""
     port = free_port()
     vm = echo_vm(tmp_path, ["-serial", "tcp:127.0.0.1:%d,server=on,wait=off" % port]).start()
     try:
         async def main():
             async with agent(vm) as (provider, registry):
                 await check_console(provider, registry, "serial0", "adopted socket", "127.0.0.1:%d" % port)
+                await check_reset_on_kill(vm, provider, registry)
+                before = registry.get("web1").consoles.consoles["serial0"].offset
+                await restart(vm, registry)
+                await wait_offset(registry, "web1", "serial0", before + len(BANNER))
+                back = await open_channel(provider, "web1", "console", "rw", {"replay": str(len(BANNER))})
+                assert await read_exactly(back, len(BANNER)) == BANNER
+                await back.write(b"back\r")
+                assert await read_until(back, b"\r\n") == b"BACK\r\n"
+                await end(back)
 
         asyncio.run(main())
     finally:
