@@ -87,7 +87,7 @@ def test_takeover_hotplug_busy(tmp_path):
                 chardev_id = ports["org.example.new"]["chardev"]
                 desc = (await provider.describe())[0]["channels"]
                 assert {"name": "org.example.new", "holder": "carol", "guest": "unknown",
-                        "hotplugged": "yes"} in desc
+                        "hotplugged": "yes", "held": "taken over", "held_where": ""} in desc
                 with pytest.raises(ChannelRefused) as e:
                     await open_channel(provider, "bs", "channel:org.example.new", "hotplug")
                 assert e.value.code == RefuseCode.BUSY
@@ -109,14 +109,17 @@ def test_takeover_hotplug_busy(tmp_path):
 
 def test_refusals(tmp_path):
     """Paused VM (chardev-change on virtio-serial needs a running VM), no controller,
-    a port on somebody else's socket."""
+    a port on a file chardev (not ours to take); a port on a socket server is adopted,
+    paused or not (tests/test_qemu_adopt_channel.py has the rest)."""
     os.makedirs(tmp_path / "n")
     os.makedirs(tmp_path / "p")
     no_ctrl = boot_sector_vm(tmp_path / "n", vnc=False, name="noctrl")
     paused = boot_sector_vm(tmp_path / "p", vnc=False, name="paused", paused=True,
                             extra=_static_port_args() + [
                                 "-chardev", "socket,id=ga,path=%s,server=on,wait=off" % (tmp_path / "p" / "ga.sock"),
-                                "-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0"])
+                                "-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0",
+                                "-chardev", "file,id=gf,path=%s" % (tmp_path / "p" / "gf.out"),
+                                "-device", "virtserialport,chardev=gf,name=org.example.file"])
     no_ctrl.start()
     paused.start()
     try:
@@ -136,9 +139,17 @@ def test_refusals(tmp_path):
                 assert e.value.message == ("guest channel org.example.static of VM paused can be "
                                            "taken over only while the VM runs (it is prelaunch)")
                 with pytest.raises(ChannelRefused) as e:
-                    await open_channel(provider, "paused", "channel:org.qemu.guest_agent.0")
+                    await open_channel(provider, "paused", "channel:org.example.file")
                 assert e.value.code == RefuseCode.UNAVAILABLE
-                assert "which vproxy does not take over" in e.value.message
+                assert e.value.message == (
+                    "guest channel org.example.file of VM paused is connected to 'file', which vproxy "
+                    "does not take over: give the port a null chardev (-chardev null,id=gf)")
+                ga = await open_channel(provider, "paused", "channel:org.qemu.guest_agent.0")
+                desc = {c["name"]: c for c in (await provider.describe())[1]["channels"]}
+                assert (desc["org.qemu.guest_agent.0"]["held"],
+                        desc["org.qemu.guest_agent.0"]["held_where"]) == ("adopted socket",
+                                                                          str(tmp_path / "p" / "ga.sock"))
+                await end(ga)
                 with pytest.raises(ChannelRefused) as e:
                     await open_channel(provider, "paused", "channel:org.example.static", "ro")
                 assert e.value.code == RefuseCode.BAD_REQUEST
