@@ -179,14 +179,14 @@ linux = pytest.mark.skipif(not _linux_guest_available(),
                            reason="tests/support/guests/linux_guest.py not available yet")
 
 
-def boot_linux(tmp_path, name="lin"):
-    """Start the Linux guest and wait until it says its echo ports run. (Watches the
-    console with a takeover of its own, as the agent would; the agent later re-attaches
-    it with add_client.)"""
+def boot_linux(tmp_path, name="lin", **vm_options):
+    """Start the Linux guest (`support.vmtools.linux_vm` with *vm_options*) and wait
+    until it says its echo ports run. (Watches the console with a takeover of its own,
+    as the agent would; the agent later re-attaches it with add_client.)"""
     from support.guests.linux_guest import READY_MARKER
     from support.vmtools import linux_vm, qmp_connect, read_until, take_over_chardev
 
-    vm = linux_vm(tmp_path, name=name)
+    vm = linux_vm(tmp_path, name=name, **vm_options)
     vm.start()
 
     async def watch():
