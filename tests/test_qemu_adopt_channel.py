@@ -18,14 +18,14 @@ import time
 import pytest
 
 from support.memstream import open_channel, read_exactly
-from support.vmtools import qemu_available, qmp_session, short_socket_path
-from test_qemu_adopt import free_port
-from test_qemu_channel import boot_linux, end, linux
+from support.vmtools import qemu_available, short_socket_path
+from test_qemu_adopt import free_port, wait_held
+from test_qemu_channel import boot_linux, end, kill_and_check_reset, linux
 from vproxy.agent.qemu.provider import QemuProvider
 from vproxy.agent.qemu.vms import VMRegistry
 from vproxy.cli.ls import format_listing
-from vproxy.errors import ChannelRefused, StreamResetError
-from vproxy.mux import RefuseCode, ResetCode
+from vproxy.errors import ChannelRefused
+from vproxy.mux import RefuseCode
 
 pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
               pytest.mark.qemu, pytest.mark.slow, linux]
@@ -123,14 +123,7 @@ def test_unix_socket_in_use_by_another_client(web1):
         other.connect(str(web1.path))
 
         async def main():
-            async with qmp_session(web1.vm) as qmp:  # wait until QEMU has accepted it
-                deadline = time.monotonic() + 10
-                while True:
-                    filenames = {c["label"]: c["filename"] for c in await qmp.execute("query-chardev")}
-                    if not filenames["qga0"].startswith("disconnected:"):
-                        break
-                    assert time.monotonic() < deadline, filenames
-                    await asyncio.sleep(0.05)
+            await wait_held(web1.vm, "qga0")
             async with agent(web1.vm) as (provider, registry):
                 with pytest.raises(ChannelRefused) as e:
                     await open_channel(provider, "web1", "channel:" + PORT, "rw")
@@ -184,13 +177,7 @@ def test_qemu_killed_and_restarted(web1):
         async with agent(vm) as (provider, registry):
             s = await open_channel(provider, "web1", "channel:" + PORT, "rw")
             await echo(s, b"before\n")
-            vm.kill()
-            with pytest.raises(StreamResetError) as e:
-                while await asyncio.wait_for(s.read(), 10):
-                    pass
-            assert e.value.code == ResetCode.CHANNEL_GONE
-            assert e.value.message == "VM web1 went away (QEMU exited)"
-            await asyncio.wait_for(s.task, 10)
+            await kill_and_check_reset(vm, s)
 
             vm.wait()
             vm.proc = None

@@ -333,6 +333,17 @@ def test_linux_guest_open_close_notices(linux_vm):
     asyncio.run(main())
 
 
+async def kill_and_check_reset(vm, s):
+    """Kill *vm*'s QEMU: the channel's stream *s* is reset, CHANNEL_GONE, saying why."""
+    vm.kill()
+    with pytest.raises(StreamResetError) as e:
+        while await asyncio.wait_for(s.read(), 10):
+            pass
+    assert e.value.code == ResetCode.CHANNEL_GONE
+    assert e.value.message == "VM %s went away (QEMU exited)" % vm.name
+    await asyncio.wait_for(s.task, 10)
+
+
 @linux
 def test_linux_qemu_killed(linux_vm):
     vm = linux_vm
@@ -342,13 +353,7 @@ def test_linux_qemu_killed(linux_vm):
                 s = await open_channel(provider, "lin", "channel:org.vproxy.echo0")
                 await s.write(b"ping\n")
                 assert await read_exactly(s, 5, timeout=30) == b"ping\n"
-                vm.kill()
-                with pytest.raises(StreamResetError) as e:
-                    while await asyncio.wait_for(s.read(), 10):
-                        pass
-                assert e.value.code == ResetCode.CHANNEL_GONE
-                assert e.value.message == "VM lin went away (QEMU exited)"
-                await asyncio.wait_for(s.task, 10)
+                await kill_and_check_reset(vm, s)
 
         asyncio.run(main())
     finally:
