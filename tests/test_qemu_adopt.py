@@ -197,6 +197,18 @@ def test_tcp_socket_server(tmp_path):
         vm.terminate()
 
 
+async def wait_held(vm, label):
+    """Wait until QEMU has accepted another client on socket server chardev *label*."""
+    async with qmp_session(vm) as qmp:
+        deadline = time.monotonic() + 10
+        while True:
+            filenames = {c["label"]: c["filename"] for c in await qmp.execute("query-chardev")}
+            if not filenames[label].startswith("disconnected:"):
+                return
+            assert time.monotonic() < deadline, filenames
+            await asyncio.sleep(0.05)
+
+
 def test_socket_in_use_by_another_client(tmp_path):
     """Another client already holds the socket server: refused "in use" (a second
     connect() would succeed and hang); once it has left, the next open adopts it."""
@@ -207,14 +219,7 @@ def test_socket_in_use_by_another_client(tmp_path):
         other.connect(str(path))
 
         async def main():
-            async with qmp_session(vm) as qmp:  # wait until QEMU has accepted it
-                deadline = time.monotonic() + 10
-                while True:
-                    filenames = {c["label"]: c["filename"] for c in await qmp.execute("query-chardev")}
-                    if not filenames["serial0"].startswith("disconnected:"):
-                        break
-                    assert time.monotonic() < deadline, filenames
-                    await asyncio.sleep(0.05)
+            await wait_held(vm, "serial0")
             async with agent(vm) as (provider, registry):
                 with pytest.raises(ChannelRefused) as e:
                     await open_channel(provider, "web1", "console", "rw")

@@ -87,7 +87,7 @@ def test_takeover_hotplug_busy(tmp_path):
                 chardev_id = ports["org.example.new"]["chardev"]
                 desc = (await provider.describe())[0]["channels"]
                 assert {"name": "org.example.new", "holder": "carol", "guest": "unknown",
-                        "hotplugged": "yes"} in desc
+                        "hotplugged": "yes", "held": "taken over", "held_where": ""} in desc
                 with pytest.raises(ChannelRefused) as e:
                     await open_channel(provider, "bs", "channel:org.example.new", "hotplug")
                 assert e.value.code == RefuseCode.BUSY
@@ -109,14 +109,17 @@ def test_takeover_hotplug_busy(tmp_path):
 
 def test_refusals(tmp_path):
     """Paused VM (chardev-change on virtio-serial needs a running VM), no controller,
-    a port on somebody else's socket."""
+    a port on a file chardev (not ours to take); a port on a socket server is adopted,
+    paused or not (tests/test_qemu_adopt_channel.py has the rest)."""
     os.makedirs(tmp_path / "n")
     os.makedirs(tmp_path / "p")
     no_ctrl = boot_sector_vm(tmp_path / "n", vnc=False, name="noctrl")
     paused = boot_sector_vm(tmp_path / "p", vnc=False, name="paused", paused=True,
                             extra=_static_port_args() + [
                                 "-chardev", "socket,id=ga,path=%s,server=on,wait=off" % (tmp_path / "p" / "ga.sock"),
-                                "-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0"])
+                                "-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0",
+                                "-chardev", "file,id=gf,path=%s" % (tmp_path / "p" / "gf.out"),
+                                "-device", "virtserialport,chardev=gf,name=org.example.file"])
     no_ctrl.start()
     paused.start()
     try:
@@ -136,9 +139,17 @@ def test_refusals(tmp_path):
                 assert e.value.message == ("guest channel org.example.static of VM paused can be "
                                            "taken over only while the VM runs (it is prelaunch)")
                 with pytest.raises(ChannelRefused) as e:
-                    await open_channel(provider, "paused", "channel:org.qemu.guest_agent.0")
+                    await open_channel(provider, "paused", "channel:org.example.file")
                 assert e.value.code == RefuseCode.UNAVAILABLE
-                assert "which vproxy does not take over" in e.value.message
+                assert e.value.message == (
+                    "guest channel org.example.file of VM paused is connected to 'file', which vproxy "
+                    "does not take over: give the port a null chardev (-chardev null,id=gf)")
+                ga = await open_channel(provider, "paused", "channel:org.qemu.guest_agent.0")
+                desc = {c["name"]: c for c in (await provider.describe())[1]["channels"]}
+                assert (desc["org.qemu.guest_agent.0"]["held"],
+                        desc["org.qemu.guest_agent.0"]["held_where"]) == ("adopted socket",
+                                                                          str(tmp_path / "p" / "ga.sock"))
+                await end(ga)
                 with pytest.raises(ChannelRefused) as e:
                     await open_channel(provider, "paused", "channel:org.example.static", "ro")
                 assert e.value.code == RefuseCode.BAD_REQUEST
@@ -168,14 +179,14 @@ linux = pytest.mark.skipif(not _linux_guest_available(),
                            reason="tests/support/guests/linux_guest.py not available yet")
 
 
-def boot_linux(tmp_path, name="lin"):
-    """Start the Linux guest and wait until it says its echo ports run. (Watches the
-    console with a takeover of its own, as the agent would; the agent later re-attaches
-    it with add_client.)"""
+def boot_linux(tmp_path, name="lin", **vm_options):
+    """Start the Linux guest (`support.vmtools.linux_vm` with *vm_options*) and wait
+    until it says its echo ports run. (Watches the console with a takeover of its own,
+    as the agent would; the agent later re-attaches it with add_client.)"""
     from support.guests.linux_guest import READY_MARKER
     from support.vmtools import linux_vm, qmp_connect, read_until, take_over_chardev
 
-    vm = linux_vm(tmp_path, name=name)
+    vm = linux_vm(tmp_path, name=name, **vm_options)
     vm.start()
 
     async def watch():
@@ -322,6 +333,17 @@ def test_linux_guest_open_close_notices(linux_vm):
     asyncio.run(main())
 
 
+async def kill_and_check_reset(vm, s):
+    """Kill *vm*'s QEMU: the channel's stream *s* is reset, CHANNEL_GONE, saying why."""
+    vm.kill()
+    with pytest.raises(StreamResetError) as e:
+        while await asyncio.wait_for(s.read(), 10):
+            pass
+    assert e.value.code == ResetCode.CHANNEL_GONE
+    assert e.value.message == "VM %s went away (QEMU exited)" % vm.name
+    await asyncio.wait_for(s.task, 10)
+
+
 @linux
 def test_linux_qemu_killed(linux_vm):
     vm = linux_vm
@@ -331,13 +353,7 @@ def test_linux_qemu_killed(linux_vm):
                 s = await open_channel(provider, "lin", "channel:org.vproxy.echo0")
                 await s.write(b"ping\n")
                 assert await read_exactly(s, 5, timeout=30) == b"ping\n"
-                vm.kill()
-                with pytest.raises(StreamResetError) as e:
-                    while await asyncio.wait_for(s.read(), 10):
-                        pass
-                assert e.value.code == ResetCode.CHANNEL_GONE
-                assert e.value.message == "VM lin went away (QEMU exited)"
-                await asyncio.wait_for(s.task, 10)
+                await kill_and_check_reset(vm, s)
 
         asyncio.run(main())
     finally:

@@ -10,7 +10,7 @@
     resume_prelaunch = false        # true: `cont` VMs started with -S after the takeover
     qmp = "exclusive"               # "shared": connect per command, poll (sockets others use)
     builtin_channels = "acl"        # sink/source/echo: "everyone" (default), "acl", "off"
-    adopt = ["pty", "socket"]       # consoles on ptys / socket servers others made (default both)
+    adopt = ["pty", "socket"]       # consoles on ptys, consoles and guest channels on socket servers
 
     [[vm]]
     name = "web1"

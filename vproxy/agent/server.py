@@ -67,7 +67,7 @@ class AgentConfig:
     builtin_channels: str = "everyone"  # who may open sink/source/echo: BUILTIN_POLICIES
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
     qmp: str = "exclusive"  # QMP mode of every VM: "exclusive" or "shared" (vproxy.agent.qemu.monitor)
-    adopt: Tuple[str, ...] = ("pty", "socket")  # chardevs made by others that consoles adopt
+    adopt: Tuple[str, ...] = ("pty", "socket")  # chardevs made by others that consoles and guest channels adopt
 
 
 class Agent:

@@ -57,6 +57,13 @@ async def run_ls(targets, as_json: bool) -> int:
     return 0 if all(not r["error"] for r in results) else EXIT_UNREACHABLE
 
 
+def _held(item: dict) -> str:
+    """How a console or guest channel is held: "taken over", "adopted pty /dev/pts/3",
+    "adopted socket PATH", or "" (not attached, nobody holds it)."""
+    held = item.get("held", "")
+    return "%s %s" % (held, item["held_where"]) if held and item.get("held_where") else held
+
+
 def format_listing(result: dict) -> str:
     """One host's answer (see run_ls) as the lines `vproxy ls` prints."""
     lines = []
@@ -74,15 +81,15 @@ def format_listing(result: dict) -> str:
         for con in vm.get("consoles", []):
             who = ", ".join(con["viewers"]) or "nobody attached"
             writer = "; writer %s" % con["writer"] if con.get("writer") else ""
-            held = con.get("held", "")  # taken over, adopted pty, adopted socket
-            if held and con.get("held_where"):
-                held = "%s %s" % (held, con["held_where"])
+            held = _held(con)
             lines.append("  console:%-22s %s%s, %d bytes buffered; %s%s"
                          % (con["id"], con["status"], " (%s)" % held if held else "",
                             con["buffered"], who, writer))
         for ch in vm.get("channels", []):
-            lines.append("  channel:%-22s guest %s; %s" % (ch["name"], ch.get("guest", "?"),
-                                                        ch.get("holder") or "free"))
+            held = _held(ch)
+            lines.append("  channel:%-22s guest %s; %s%s" % (ch["name"], ch.get("guest", "?"),
+                                                          ch.get("holder") or "free",
+                                                          " (%s)" % held if held else ""))
         vnc = vm.get("vnc") or {}
         if vnc.get("available"):
             password = "; its VNC password is not needed" if vnc.get("auth") not in (None, "", "none") else ""

@@ -59,10 +59,10 @@ from .common import resolve_tls, run_async, tls_options
                    "state every 2 s, for sockets something else also uses (Proxmox's "
                    "/var/run/qemu-server/VMID.qmp). [default: exclusive]")
 @click.option("--adopt", "adopt", default=None, metavar="KINDS",
-              help="Which chardevs made by others a console adopts, without changing them: "
-                   "\"pty,socket\", \"pty\", \"socket\" or \"none\" (a pty is opened as "
-                   "virsh console does; a socket server on this host is connected to as its "
-                   "client). [default: pty,socket]")
+              help="Which chardevs made by others a console or guest channel adopts, without "
+                   "changing them: \"pty,socket\", \"pty\", \"socket\" or \"none\" (a pty is "
+                   "opened as virsh console does, for consoles only; a socket server on this host "
+                   "is connected to as its client). [default: pty,socket]")
 @click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
               help="Refuse a client identity more than N concurrent sessions (GOAWAY "
                    "OVERLOADED, naming the identity and the limit). [default: no limit]")

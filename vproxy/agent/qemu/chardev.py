@@ -202,6 +202,41 @@ async def adopt(filename: str) -> Union[FdSide, SocketSide]:
         raise OSError("connecting to %s timed out" % server) from None
 
 
+class NotAdopted(Exception):
+    """Why `adopt_allowed` did not adopt a chardev: the message names the console or
+    channel. ``retry``: it may work on a later open (another client holds the socket,
+    or it could not be opened). ``left_out``: the adopt setting leaves its kind out
+    (the caller adds what to do instead)."""
+
+    def __init__(self, message: str, retry: bool = False, left_out: bool = False):
+        super().__init__(message)
+        self.retry = retry
+        self.left_out = left_out
+
+
+async def adopt_allowed(subject: str, filename: str,
+                        allowed: Collection[str]) -> Union[FdSide, SocketSide]:
+    """Adopt the chardev *filename* (kind PTY, SOCKET_SERVER or SOCKET_SERVER_HELD) of
+    *subject* ("console serial0 of VM web1"), if the ``adopt`` setting *allowed* names
+    its kind and it is free and local. Raises NotAdopted."""
+    kind = backend_kind(filename)
+    setting = "pty" if kind == PTY else "socket"
+    server = socket_server(filename)
+    what = "a pty (%s)" % pty_path(filename) if kind == PTY else "the socket server %s" % server
+    if setting not in allowed:
+        raise NotAdopted("%s is %s, which this agent does not adopt (its adopt setting leaves out %r)"
+                         % (subject, what, setting), left_out=True)
+    if kind == SOCKET_SERVER_HELD:
+        raise NotAdopted("%s is in use by another client of %s" % (subject, server), retry=True)
+    if server is not None and server.host and not await is_local_address(server.host):
+        raise NotAdopted("%s is a socket server on %s, which is not an address of this host: vproxy "
+                         "adopts only sockets it can reach locally" % (subject, server))
+    try:
+        return await adopt(filename)
+    except OSError as e:
+        raise NotAdopted("%s: cannot open %s: %s" % (subject, what, e.strerror or e), retry=True) from None
+
+
 def fd_socket_backend(fdname: str) -> Dict[str, Any]:
     """A chardev back end: client socket on an fd QEMU received as *fdname*."""
     return {"type": "socket",

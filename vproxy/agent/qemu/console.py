@@ -469,7 +469,7 @@ class ConsoleSet(MonitorOwner):
                 "cannot be taken over: %s" % (cid, self.vm, _HOW_TO % (cid, cid)))
             return
         if kind in (chardev.PTY, chardev.SOCKET_SERVER, chardev.SOCKET_SERVER_HELD):
-            await self._adopt(monitor, console, kind, filename)
+            await self._adopt(monitor, console, filename)
             return
         if kind == chardev.OTHER:
             console.mark_unavailable(
@@ -485,33 +485,14 @@ class ConsoleSet(MonitorOwner):
         console.attach(SocketSide(sock, TAKEN_OVER), monitor)
         log.info("VM %s: console %s taken over (%s)", self.vm, cid, filename)
 
-    async def _adopt(self, monitor: VMMonitor, console: ManagedConsole, kind: str, filename: str) -> None:
+    async def _adopt(self, monitor: VMMonitor, console: ManagedConsole, filename: str) -> None:
         """Become the client of a pty or socket server chardev someone else made."""
         cid = console.id
-        setting = "pty" if kind == chardev.PTY else "socket"
-        what = ("a pty (%s)" % chardev.pty_path(filename) if kind == chardev.PTY
-                else "the socket server %s" % chardev.socket_server(filename))
-        if setting not in self.adopt:
-            console.mark_unavailable(
-                "console %s of VM %s is %s, which this agent does not adopt (its adopt "
-                "setting leaves out %r): add it, or %s"
-                % (cid, self.vm, what, setting, _HOW_TO % (cid, cid)))
-            return
-        if kind == chardev.SOCKET_SERVER_HELD:
-            console.mark_unavailable("console %s of VM %s is in use by another client of %s"
-                                     % (cid, self.vm, chardev.socket_server(filename)), retry=True)
-            return
-        server = chardev.socket_server(filename)
-        if server is not None and server.host and not await chardev.is_local_address(server.host):
-            console.mark_unavailable(
-                "console %s of VM %s is a socket server on %s, which is not an address of "
-                "this host: vproxy adopts only sockets it can reach locally" % (cid, self.vm, server))
-            return
         try:
-            side = await chardev.adopt(filename)
-        except OSError as e:
-            console.mark_unavailable("console %s of VM %s: cannot open %s: %s"
-                                     % (cid, self.vm, what, e.strerror or e), retry=True)
+            side = await chardev.adopt_allowed("console %s of VM %s" % (cid, self.vm), filename, self.adopt)
+        except chardev.NotAdopted as e:
+            how_to = ": add it, or %s" % (_HOW_TO % (cid, cid)) if e.left_out else ""
+            console.mark_unavailable(str(e) + how_to, retry=e.retry)
             return
         console.attach(side, monitor)
         log.info("VM %s: console %s adopted (%s)", self.vm, cid, filename)

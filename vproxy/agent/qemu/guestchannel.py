@@ -5,15 +5,23 @@ the guest sees /dev/virtio-ports/org.x.y). Opening one:
 - an existing port whose chardev is null (``-chardev null,id=c -device
   virtserialport,chardev=c,name=...``) is taken over with ``chardev-change`` (QEMU
   allows that for virtio-serial only while the VM runs), one we held before is
-  re-attached with ``add_client``; any other back end (a pty, libvirt's guest agent
-  socket...) is left alone and the open refused, saying why;
+  re-attached with ``add_client``;
+- a port whose chardev is a unix or TCP socket server on this host (the guest agent's
+  shape in libvirt and Proxmox: ``-chardev socket,id=qga0,path=/var/run/qemu-server/
+  100.qga,server=on,wait=off -device virtserialport,chardev=qga0,name=org.qemu.
+  guest_agent.0``) is adopted, unchanged, by connecting to it as its client, if the
+  ``adopt`` setting names "socket" (see chardev.adopt_allowed): refused "in use" while
+  another client holds it; this works while the VM is paused too;
+- any other back end (a pty, a file, a socket client...) is left alone and the open
+  refused, saying why;
 - mode "hotplug" adds the port when it does not exist: ``chardev-add`` (fd socket)
   then ``device_add virtserialport`` with ``id`` "vproxy-p-XXXX" (needs ``-device
   virtio-serial``); when the stream ends the port is removed again (``device_del``,
   wait for DEVICE_DELETED, ``chardev-remove``). Ports with such an id found after an
   agent restart are treated as ours: re-attached, and removed when done.
 
-One client per port: a second open is refused BUSY, naming the holder.
+One client per port: a second open is refused BUSY, naming the holder. describe()
+says how a held port is held ("taken over" or "adopted socket", as for consoles).
 ``VSERPORT_CHANGE`` (the guest opened/closed its end; QEMU sends it only for ports
 with an ``id``) reaches the client as NOTICE ``{"event": "guest-open"}`` /
 ``{"event": "guest-close"}``; ACCEPT info carries ``guest`` = open | closed | unknown.
@@ -27,9 +35,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from vproxy.net.tasks import Nursery
 
@@ -40,6 +47,7 @@ from ._streams import (
 )
 from .console import DEFAULT_LINGER
 from .errors import QemuError, QMPCommandError
+from .hostside import TAKEN_OVER, HostSide, SocketSide
 from .monitor import MonitorOwner, VMMonitor
 
 log = logging.getLogger("vproxy.qemu.guestchannel")
@@ -52,9 +60,11 @@ _NEEDS_RUNNING = "Chardev user does not support chardev hotswap"
 class GuestChannels(MonitorOwner):
     """The virtio-serial ports of one VM and who holds them."""
 
-    def __init__(self, vm: str, *, linger: float = DEFAULT_LINGER):
+    def __init__(self, vm: str, *, linger: float = DEFAULT_LINGER,
+                 adopt: Sequence[str] = chardev.ADOPT_KINDS):
         self.vm = vm
         self.linger = linger
+        self.adopt = tuple(adopt)  # which chardevs made by others to adopt (only "socket" applies)
         self.holders: Dict[str, GuestChannel] = {}  # port name -> the open channel
         self._reserved: Dict[str, str] = {}  # port name -> identity, while opening
         self._guest_open: Dict[str, bool] = {}  # device id -> VSERPORT_CHANGE "open"
@@ -138,6 +148,16 @@ class GuestChannels(MonitorOwner):
                              % (self.vm, name, names))
             return await self._hotplug(monitor, name, identity)
         cid, kind = port["chardev"], chardev.backend_kind(port["backend"])
+        if kind in (chardev.SOCKET_SERVER, chardev.SOCKET_SERVER_HELD):
+            try:
+                side = await chardev.adopt_allowed("guest channel %s of VM %s" % (name, self.vm),
+                                                   port["backend"], self.adopt)
+            except chardev.NotAdopted as e:
+                how_to = (": add it, or give the port a null chardev (-chardev null,id=%s)" % cid
+                          if e.left_out else "")
+                raise refuse(RefuseCode.UNAVAILABLE, str(e) + how_to) from None
+            log.info("VM %s: guest channel %s adopted (%s)", self.vm, name, port["backend"])
+            return GuestChannel(self, monitor, name, identity, side, port["id"], "", False)
         if kind not in (chardev.NULL, chardev.OURS, chardev.OURS_DISCONNECTED):
             raise refuse(RefuseCode.UNAVAILABLE,
                          "guest channel %s of VM %s is connected to %r, which vproxy does not "
@@ -152,7 +172,7 @@ class GuestChannels(MonitorOwner):
                              "runs (it is %s)" % (name, self.vm, monitor.state)) from None
             raise
         hotplugged = port["id"].startswith(HOTPLUG_PREFIX)
-        return GuestChannel(self, monitor, name, identity, sock, port["id"],
+        return GuestChannel(self, monitor, name, identity, SocketSide(sock, TAKEN_OVER), port["id"],
                             cid if hotplugged else "", hotplugged)
 
     async def _hotplug(self, monitor: VMMonitor, name: str, identity: Any) -> "GuestChannel":
@@ -174,7 +194,7 @@ class GuestChannels(MonitorOwner):
                              "to: start QEMU with -device virtio-serial" % (self.vm, name)) from None
             raise
         log.info("VM %s: hotplugged guest channel %s (%s)", self.vm, name, dev_id)
-        return GuestChannel(self, monitor, name, identity, sock, dev_id, cid, True)
+        return GuestChannel(self, monitor, name, identity, SocketSide(sock, TAKEN_OVER), dev_id, cid, True)
 
     async def unplug(self, monitor: VMMonitor, dev_id: str, cid: str, timeout: float = 10.0) -> None:
         """device_del, wait for DEVICE_DELETED, chardev-remove."""
@@ -196,17 +216,22 @@ class GuestChannels(MonitorOwner):
         return "open" if self._guest_open[dev_id] else "closed"
 
     def describe(self) -> List[Dict[str, str]]:
+        """One dict per port: name, holder, guest (open, closed, unknown), hotplugged
+        (yes, no), held and held_where (how the holder's side is held: "taken over" or
+        "adopted socket", and the socket adopted; "" while nobody holds the port)."""
         out = []
         for port in self._known:
             ch = self.holders.get(port["name"])
             out.append({"name": port["name"], "holder": str(ch.identity) if ch else "",
                         "guest": self.guest_state(port["id"]) if port["id"] else "unknown",
-                        "hotplugged": "yes" if port["id"].startswith(HOTPLUG_PREFIX) else "no"})
+                        "hotplugged": "yes" if port["id"].startswith(HOTPLUG_PREFIX) else "no",
+                        "held": ch.side.how if ch else "", "held_where": ch.side.where if ch else ""})
         for name, ch in self.holders.items():
             if not any(p["name"] == name for p in self._known):
                 out.append({"name": name, "holder": str(ch.identity),
                             "guest": self.guest_state(ch.device_id),
-                            "hotplugged": "yes" if ch.hotplugged else "no"})
+                            "hotplugged": "yes" if ch.hotplugged else "no",
+                            "held": ch.side.how, "held_where": ch.side.where})
         return out
 
 
@@ -214,7 +239,7 @@ class GuestChannel(GoneOnQemuExit):
     """One client's hold on one virtio-serial port: the provider's Channel."""
 
     def __init__(self, owner: GuestChannels, monitor: VMMonitor, name: str, identity: Any,
-                 sock: socket.socket, device_id: str, chardev_id: str, hotplugged: bool):
+                 side: HostSide, device_id: str, chardev_id: str, hotplugged: bool):
         self.owner = owner
         self.monitor = monitor
         self.name = name
@@ -227,7 +252,7 @@ class GuestChannel(GoneOnQemuExit):
             "guest": owner.guest_state(device_id) if device_id else "unknown",
             "hotplugged": "yes" if hotplugged else "no",
         }
-        self._sock = sock
+        self.side = side  # the agent's end: taken over (socketpair) or adopted (socket server)
         self._stream: Any = None
         self._gone_reason = ""
         self._guest_closed = asyncio.Event()
@@ -268,7 +293,7 @@ class GuestChannel(GoneOnQemuExit):
                 elif ended_with(to_client, "eof"):
                     await self._qemu_closed()
         finally:
-            self._sock.close()
+            self.side.close()
             if self.owner.holders.get(self.name) is self:
                 del self.owner.holders[self.name]
             if self.hotplugged and self.monitor.connected:
@@ -276,29 +301,22 @@ class GuestChannel(GoneOnQemuExit):
 
     async def _copy_out(self) -> str:
         """Guest -> client: "eof" when QEMU closed our end, "error" if the stream broke."""
-        loop = asyncio.get_event_loop()
-        while True:
-            try:
-                data = await loop.sock_recv(self._sock, FRAME_CHUNK)
-            except OSError:
-                data = b""
-            if not data:
-                return "eof"
+        async for data in self.side.chunks():
             self._last_guest_data = time.monotonic()
             try:
                 await self._stream.write(data)
             except STREAM_ERRORS:
                 return "error"
+        return "eof"
 
     async def _copy_in(self) -> str:
         """Client -> guest: "eof" at the client's half-close, "error" if it broke."""
-        loop = asyncio.get_event_loop()
         try:
             while True:
                 data = await self._stream.read(FRAME_CHUNK)
                 if not data:
                     return "eof"
-                await loop.sock_sendall(self._sock, data)
+                await self.side.send(data)
         except STREAM_ERRORS:
             return "error"
         except OSError:

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Optional, Protocol
 
 from ._streams import FRAME_CHUNK, socket_chunks
 
-#: How a console's chardev is held (ManagedConsole.describe()["held"]).
+#: How a console's or a held guest channel's chardev is held (their describe()["held"]).
 TAKEN_OVER = "taken over"
 ADOPTED_PTY = "adopted pty"
 ADOPTED_SOCKET = "adopted socket"

@@ -58,7 +58,8 @@ class QemuProvider:
          "consoles": [{"id", "status", "reason", "held" ("taken over", "adopted pty",
                        "adopted socket"; "" unless attached), "held_where" (the pty or
                        socket adopted), "offset", "buffered", "viewers": [..], "writer", "log"}],
-         "channels": [{"name", "holder", "guest", "hotplugged"}],
+         "channels": [{"name", "holder", "guest", "hotplugged", "held" ("taken over",
+                       "adopted socket"; "" unless held), "held_where" (the socket adopted)}],
          "vnc": {"available", "viewers", "clients", "reason", "auth"}}
         ("aliases": the VM's other names, e.g. ["100"] for web1 found as 100.qmp;
         "auth": the VNC server's own, which the agent skips.)"""

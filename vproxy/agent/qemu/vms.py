@@ -65,7 +65,7 @@ class VM:
         self.monitor = make_monitor(name, self.qmp_path, qmp_mode, resume_prelaunch=resume_prelaunch)
         self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger,
                                    adopt=adopt)
-        self.channels = GuestChannels(name, linger=linger)
+        self.channels = GuestChannels(name, linger=linger, adopt=adopt)
         self.vnc = VncService(name)
         owners: List[MonitorOwner] = [self.consoles, self.channels, self.vnc]
         if source == "dir":  # first: the others set up under the VM's name
