@@ -225,14 +225,16 @@ class VMRegistry:
 
     async def wait_named(self, name: str, timeout: float = NAMING_WAIT) -> None:
         """If no VM has the name *name* yet, wait (at most *timeout*) until one has, or
-        until every directory VM's QEMU has been asked its -name once or could not be
-        reached: right after the agent starts, web1 is still known only as 100 (its
-        socket's name) until the first QMP connection to it. Returns at once when the
-        name is known or every directory VM has been named once."""
+        until every directory VM's QEMU has been asked its -name once or found not
+        running: right after the agent starts, web1 is still known only as 100 (its
+        socket's name) until the first QMP connection to it, and while another client
+        holds a shared QMP socket it cannot be asked. Returns at once when the name is
+        known or no directory VM is still to be named."""
         loop = asyncio.get_event_loop()
         deadline = loop.time() + timeout
         while self.find(name) is None and loop.time() < deadline and any(
-                not vm.named_once and not vm.monitor.last_error for vm in self._vms.values()):
+                not vm.named_once and (vm.monitor.busy or not vm.monitor.last_error)
+                for vm in self._vms.values()):
             await asyncio.sleep(0.02)
 
     def options_for(self, name: str) -> Dict[str, Any]:
