@@ -39,6 +39,8 @@ import vproxy.api
 from support.agenttools import ENV, AgentProcess
 from support.vmtools import BOOT_SECTOR_BANNER, QemuVM, accel_args, boot_sector_vm, qemu_available
 from vproxy.guests import build_boot_disk
+from vproxy.errors import ChannelRefused
+from vproxy.mux import RefuseCode
 
 pytestmark = [pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed"),
               pytest.mark.qemu, pytest.mark.slow]
@@ -242,6 +244,64 @@ def test_proxmox_host_end_to_end(pki, tmp_path, pve):
         assert not any("Traceback" in line for line in agent.stderr_lines)
     finally:
         manager.stopping.set()
+        if agent is not None:
+            agent.stop()
+        vm.terminate()
+
+
+class Holder(threading.Thread):
+    """Another QMP client holding DIR/100.qmp (as a long `qm monitor` would) until released."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.connected, self.release = str(path), threading.Event(), threading.Event()
+
+    def run(self):
+        async def hold():
+            client = QMPClient("holder")
+            await client.connect(self.path)
+            self.connected.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
+            await client.disconnect()
+
+        asyncio.run(hold())
+
+
+def test_open_by_name_waits_for_the_first_query_name(pki, tmp_path, pve):
+    """The naming race: a vm_dir VM is known by its -name only once the agent has asked
+    QEMU. Here another client holds the shared QMP socket when the agent starts, so it
+    cannot ask: an open for an unknown name waits, at most 2 s, then NO_SUCH_VM; an open
+    for "web1" waits until the socket is free and the name known, and then opens it."""
+    vm = ProxmoxVM(tmp_path / "vm", pve)
+    vm.start()
+    holder = Holder(pve / "100.qmp")
+    holder.start()
+    agent = None
+    try:
+        assert holder.connected.wait(10)
+        agent = AgentProcess(pki, tmp_path, [], [{"identities": ["alice"], "vms": ["*"]}],
+                             args=["--vm-dir", pve, "--qmp", "shared"])
+        with vproxy.api.connect(agent.address, cert=pki.alice.cert, key=pki.alice.key, ca=pki.ca) as client:
+            t0 = time.monotonic()
+            with pytest.raises(ChannelRefused) as info:
+                client.console("web9", wait=0)
+            assert info.value.code == RefuseCode.NO_SUCH_VM
+            assert 1.8 < time.monotonic() - t0 < 3.5  # bounded: NAMING_WAIT
+            assert "known: 100" in info.value.message  # still only its socket's name
+            threading.Timer(0.5, holder.release.set).start()
+            t0 = time.monotonic()
+            console = client.console("web1", wait=0)  # no retry: the agent itself waited
+            assert 0.4 < time.monotonic() - t0 < 2.5
+            assert console.info["console"] == "serial0"
+            console.close()
+            t0 = time.monotonic()
+            with pytest.raises(ChannelRefused) as info:  # named now: no wait
+                client.console("web9", wait=0)
+            assert time.monotonic() - t0 < 1.0 and "known: web1" in info.value.message
+    finally:
+        holder.release.set()
+        holder.join(10)
         if agent is not None:
             agent.stop()
         vm.terminate()
