@@ -18,8 +18,8 @@ QMP client, as Proxmox's qm and pvedaemon are, connects to DIR/100.qmp, asks
 query-status and disconnects every 100 ms: none of its operations may take 1 s.
 
 Also here: the naming race (an open for "web1" while the agent has not yet been able to
-ask QEMU its -name waits for it, up to 2 s, rather than answering NO_SUCH_VM), and
-per-VM QMP modes (one VM shared, another exclusive, in the same agent).
+ask QEMU its -name waits for it, up to 2 s, rather than answering NO_SUCH_VM). Per-VM
+QMP modes (one VM shared, another exclusive, in one agent) are in test_qemu_shared_qmp.
 """
 
 import asyncio
@@ -37,7 +37,7 @@ from qemu.qmp import QMPClient
 
 import vproxy.api
 from support.agenttools import ENV, AgentProcess
-from support.vmtools import BOOT_SECTOR_BANNER, QemuVM, accel_args, boot_sector_vm, qemu_available
+from support.vmtools import BOOT_SECTOR_BANNER, QemuVM, accel_args, qemu_available
 from vproxy.guests import build_boot_disk
 from vproxy.errors import ChannelRefused
 from vproxy.mux import RefuseCode
