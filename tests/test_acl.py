@@ -92,12 +92,35 @@ def test_config_file_parses_vms_and_rules():
     assert cfg.acl.allows(who("alice"), req("web1", "vnc", "force"))
 
 
+def test_config_file_per_vm_qmp_mode_and_adopt():
+    """A [[vm]] may set its own qmp_mode and adopt over the global qmp and adopt; only
+    the keys it sets are in vm_options, and the (name, path) pairs stay as they were."""
+    cfg = parse_agent_config({
+        "qmp": "exclusive", "adopt": ["pty", "socket"],
+        "vm": [{"name": "pve100", "qmp": "/run/qemu-server/100.qmp", "qmp_mode": "shared"},
+               {"name": "lv1", "qmp": "/run/lv1.qmp", "adopt": []},
+               {"name": "plain", "qmp": "/run/plain.qmp"},
+               {"name": "both", "qmp": "/run/both.qmp", "qmp_mode": "exclusive", "adopt": ["pty"]}],
+    })
+    assert cfg.vms == [("pve100", "/run/qemu-server/100.qmp"), ("lv1", "/run/lv1.qmp"),
+                       ("plain", "/run/plain.qmp"), ("both", "/run/both.qmp")]
+    assert cfg.vm_options == {"pve100": {"qmp_mode": "shared"}, "lv1": {"adopt": ()},
+                              "both": {"qmp_mode": "exclusive", "adopt": ("pty",)}}
+    assert cfg.settings["qmp"] == "exclusive"
+
+
 @pytest.mark.parametrize("data, needle", [
     ({"lisen": "x"}, "unknown key 'lisen'"),
     ({"console_ring": "big"}, "console_ring has the wrong type"),
     ({"qmp": "/run/x.qmp"}, "qmp must be \"exclusive\" or \"shared\", not '/run/x.qmp'"),
-    ({"vm": [{"name": "a"}]}, "[[vm]] #1: needs exactly name"),
+    ({"vm": [{"name": "a"}]}, "[[vm]] #1: needs name"),
     ({"vm": [{"name": "a", "qmp": "/x"}, {"name": "a", "qmp": "/y"}]}, "configured twice"),
+    ({"vm": [{"name": "a", "qmp": "/x", "mode": "shared"}]}, "[[vm]] 'a': unknown key 'mode'"),
+    ({"vm": [{"name": "a", "qmp": "/x", "qmp_mode": "polled"}]},
+     "[[vm]] 'a': qmp_mode must be \"exclusive\" or \"shared\", not 'polled'"),
+    ({"vm": [{"name": "a", "qmp": "/x", "adopt": ["file"]}]}, "[[vm]] 'a': adopt must list some of"),
+    ({"vm": [{"name": "a", "qmp": "/x", "adopt": "pty"}]}, "[[vm]] 'a': adopt must list some of"),
+    ({"qmp_mode": "shared"}, "unknown key 'qmp_mode': the QMP mode of every VM is qmp = \"shared\""),
     ({"allow": [{"vms": ["*"]}]}, "needs identities"),
     ({"allow": [{"identities": ["a"], "modes": ["write"]}]}, "unknown mode(s) write"),
     ({"allow": [{"identities": ["a"], "channels": ["serial"]}]}, "unknown channel 'serial'"),

@@ -232,6 +232,57 @@ def test_resume_prelaunch_reaches_every_vm_monitor(pki, tmp_path):
         listener.close()
 
 
+def test_per_vm_qmp_mode_and_adopt_from_file_to_monitor_and_reload(pki, tmp_path):
+    """A [[vm]]'s own qmp_mode and adopt reach its VM over the global qmp and adopt (file
+    -> make_reloader/serve -> AgentConfig.vm_options -> VMRegistry -> VMMonitor and
+    ConsoleSet); a --vm NAME=QMP replacing it drops them; a reload that changes them
+    restarts that VM in the registry (counted as added) and leaves the others alone."""
+    from vproxy.agent.qemu.monitor import SharedVMMonitor
+    from vproxy.cli.serve import make_reloader, vm_options_after
+
+    config = tmp_path / "agent.toml"
+
+    def write(web1_mode, web1_adopt):
+        config.write_text(
+            'qmp = "exclusive"\nadopt = ["pty", "socket"]\n'
+            '[[vm]]\nname = "web1"\nqmp = "%s"\nqmp_mode = "%s"\nadopt = %s\n'
+            '[[vm]]\nname = "db1"\nqmp = "%s"\n'
+            % (tmp_path / "web1.qmp", web1_mode, json.dumps(web1_adopt), tmp_path / "db1.qmp"))
+
+    write("shared", ["socket"])
+    load = make_reloader(str(config), {}, (), (), None, False, started={})
+    assert vm_options_after({"web1": {"qmp_mode": "shared"}}, ["web1=/x.qmp"]) == {}
+
+    def settings():
+        s = load()
+        s.cert, s.key, s.ca, s.crl = pki.server.cert, pki.server.key, pki.ca, pki.crl
+        return s
+
+    async def main():
+        first = settings()
+        agent = await started_agent(pki, vms=first.vms, vm_options=first.vm_options)
+        try:
+            web1, db1 = agent.registry.get("web1"), agent.registry.get("db1")
+            assert isinstance(web1.monitor, SharedVMMonitor) and web1.monitor.mode == "shared"
+            assert web1.consoles.adopt == ("socket",)
+            assert db1.monitor.mode == "exclusive" and db1.consoles.adopt == ("pty", "socket")
+            # unchanged: nothing restarted
+            outcome = await agent.reload(settings)
+            assert outcome.vms_added == [] and agent.registry.get("web1") is web1
+            # web1 back to exclusive with no adoption: web1 restarted, db1 untouched
+            write("exclusive", [])
+            outcome = await agent.reload(settings)
+            assert outcome.vms_added == ["web1"] and outcome.vms_removed == []
+            new = agent.registry.get("web1")
+            assert new is not web1 and new.monitor.mode == "exclusive" and new.consoles.adopt == ()
+            assert agent.registry.get("db1") is db1
+            assert agent.config.vm_options == {"web1": {"qmp_mode": "exclusive", "adopt": ()}}
+        finally:
+            await agent.shutdown()
+
+    run(main())
+
+
 def test_a_reload_says_resume_prelaunch_needs_a_restart(tmp_path):
     """Read at start only: a reload that finds it changed in the file says so, unless
     the command line set it (then the file's value does not count)."""

@@ -196,3 +196,46 @@ def test_shared_qmp_guest_channel_hotplug(tmp_path):
         asyncio.run(main())
     finally:
         vm.terminate()
+
+
+def test_one_vm_shared_another_exclusive_in_one_agent(tmp_path):
+    """[[vm]] qmp_mode per VM: pve100 shared (a qm-like client gets through in well
+    under a second while the agent serves it), lab1 exclusive under the global default
+    (the agent holds its socket: another client's greeting does not come), and both
+    consoles echo."""
+    pve = boot_sector_vm(tmp_path / "pve", vnc=False, name="pve100", paused=True)
+    lab = boot_sector_vm(tmp_path / "lab", vnc=False, name="lab1", paused=True)
+    pve.start()
+    lab.start()
+    try:
+        async def main():
+            registry = VMRegistry([("pve100", str(pve.qmp_path)), ("lab1", str(lab.qmp_path))],
+                                  qmp_mode="exclusive", resume_prelaunch=True,
+                                  vm_options={"pve100": {"qmp_mode": "shared"}})
+            await registry.start()
+            try:
+                provider = QemuProvider(registry)
+                shared, exclusive = registry.get("pve100").monitor, registry.get("lab1").monitor
+                assert isinstance(shared, SharedVMMonitor) and not isinstance(exclusive, SharedVMMonitor)
+                assert await shared.wait_ready(10) and await exclusive.wait_ready(10)
+                assert [(d["vm"], d["qmp_mode"]) for d in await registry.describe()] == [
+                    ("lab1", "exclusive"), ("pve100", "shared")]
+                a = await open_channel(provider, "pve100", "console", "rw", {"replay": "all"})
+                b = await open_channel(provider, "lab1", "console", "rw", {"replay": "all"})
+                for s in (a, b):  # resumed from -S once held: the banner, then type
+                    assert await asyncio.wait_for(read_until(s, BANNER), 10) == BANNER
+                    await s.write(b"both\r")
+                    assert (await asyncio.wait_for(read_until(s, b"BOTH\r\n"), 10)).endswith(b"BOTH\r\n")
+                times = [(await qm(str(pve.qmp_path)))[0] for _ in range(5)]
+                assert max(times) < 1.0, times
+                with pytest.raises(asyncio.TimeoutError):  # the agent holds lab1's socket
+                    await asyncio.wait_for(qm(str(lab.qmp_path)), 1.5)
+                await end(a)
+                await end(b)
+            finally:
+                await registry.stop()
+
+        asyncio.run(main())
+    finally:
+        pve.terminate()
+        lab.terminate()

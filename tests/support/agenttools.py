@@ -48,14 +48,15 @@ async def read_until(stream, needle: bytes, timeout=30.0, data=b"") -> bytes:
 
 
 class AgentProcess:
-    """`vproxy serve --config FILE` in a child process; `address` once it listens."""
+    """`vproxy serve --config FILE [ARGS]` in a child process; `address` once it listens."""
 
-    def __init__(self, pki, tmp_path, vms, allow, extra_lines=()):
+    def __init__(self, pki, tmp_path, vms, allow, extra_lines=(), args=()):
         self.audit = tmp_path / "audit.log"
         config = tmp_path / "agent.toml"
         write_agent_config(config, pki, vms, allow,
                            ['audit_log = "%s"' % self.audit] + list(extra_lines))
-        self.proc = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--config", str(config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--config", str(config)]
+                                     + [str(a) for a in args],
                                      stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
         line = self.proc.stderr.readline()
         if "listening on" not in line:

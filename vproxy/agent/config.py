@@ -15,6 +15,8 @@
     [[vm]]
     name = "web1"
     qmp = "/run/qemu/web1.qmp"
+    qmp_mode = "shared"             # optional: this VM's QMP mode, over the global qmp
+    adopt = ["pty"]                 # optional: this VM's adopt kinds, over the global adopt
 
     [[allow]]
     identities = ["alice", "ops-*"]
@@ -44,6 +46,10 @@ KEYS: Dict[str, Any] = {  # key -> its type, or a tuple of types, for isinstance
 
 QMP_MODES = ("exclusive", "shared")  # vproxy.agent.qemu.monitor's, without importing qemu.qmp
 
+#: The keys a [[vm]] table may have (name and qmp are required). In a [[vm]] the QMP
+#: mode is ``qmp_mode``: ``qmp`` there is the socket's path.
+VM_KEYS = ("name", "qmp", "qmp_mode", "adopt")
+
 #: What ``adopt`` may list (as vproxy.agent.qemu.chardev.ADOPT_KINDS): a console whose
 #: chardev is a pty is opened like ``virsh console`` does, one on a socket server is
 #: connected to as its client; neither is changed.
@@ -54,6 +60,9 @@ ADOPT_KINDS = ("pty", "socket")
 class AgentFileConfig:
     settings: Dict[str, Any] = field(default_factory=dict)  # the scalar keys, as given
     vms: List[Tuple[str, str]] = field(default_factory=list)  # (name, qmp path)
+    #: name -> the settings a [[vm]] gives itself ({"qmp_mode": str, "adopt": tuple}),
+    #: only the keys it sets; VMs without any are not in it
+    vm_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     acl: Acl = field(default_factory=Acl)
 
 
@@ -61,6 +70,9 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
     out = AgentFileConfig()
     for key, value in data.items():
         kind = KEYS.get(key)
+        if kind is None and key == "qmp_mode":
+            raise UserError("%s: unknown key 'qmp_mode': the QMP mode of every VM is qmp = \"shared\" "
+                            "(qmp_mode is the key of a [[vm]] table, whose qmp is its socket's path)" % path)
         if kind is None:
             raise UserError("%s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(KEYS))))
         if kind is bool:  # the only boolean key: true or false, nothing else
@@ -73,12 +85,26 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
             out.settings[key] = value
     for index, vm in enumerate(data.get("vm", [])):
         where = "%s: [[vm]] #%d" % (path, index + 1)
-        if (not isinstance(vm, dict) or set(vm) != {"name", "qmp"}
-                or not all(isinstance(v, str) and v for v in vm.values())):
-            raise UserError("%s: needs exactly name = \"...\" and qmp = \"/path/to/qmp.sock\"" % where)
+        if (not isinstance(vm, dict) or not {"name", "qmp"} <= set(vm)
+                or not all(isinstance(vm[k], str) and vm[k] for k in ("name", "qmp"))):
+            raise UserError("%s: needs name = \"...\" and qmp = \"/path/to/qmp.sock\"" % where)
+        where = "%s: [[vm]] %r" % (path, vm["name"])
+        unknown = sorted(set(vm) - set(VM_KEYS))
+        if unknown:
+            raise UserError("%s: unknown key %r (a [[vm]] has %s)" % (where, unknown[0], ", ".join(VM_KEYS)))
         if any(vm["name"] == name for name, _ in out.vms):
             raise UserError("%s: VM %r is configured twice" % (where, vm["name"]))
+        options: Dict[str, Any] = {}
+        if "qmp_mode" in vm:
+            if vm["qmp_mode"] not in QMP_MODES:
+                raise UserError("%s: qmp_mode must be \"exclusive\" or \"shared\", not %r"
+                                % (where, vm["qmp_mode"]))
+            options["qmp_mode"] = vm["qmp_mode"]
+        if "adopt" in vm:
+            options["adopt"] = check_adopt(vm["adopt"], where)
         out.vms.append((vm["name"], vm["qmp"]))
+        if options:
+            out.vm_options[vm["name"]] = options
     rules = []
     for index, rule in enumerate(data.get("allow", [])):
         where = "%s: [[allow]] #%d" % (path, index + 1)
@@ -98,13 +124,18 @@ def parse_agent_config(data: Dict[str, Any], path: str = "config") -> AgentFileC
     if out.settings.get("qmp", "exclusive") not in QMP_MODES:
         raise UserError("%s: qmp must be \"exclusive\" or \"shared\", not %r (the QMP socket of a "
                         "[[vm]] is its own qmp = \"/path\")" % (path, out.settings["qmp"]))
-    adopt = out.settings.get("adopt", list(ADOPT_KINDS))
-    if not all(isinstance(k, str) and k in ADOPT_KINDS for k in adopt):
-        raise UserError("%s: adopt must list some of \"pty\" and \"socket\" (or be []), not %r"
-                        % (path, adopt))
+    check_adopt(out.settings.get("adopt", list(ADOPT_KINDS)), path)
     if out.settings.get("log_format", "text") not in ("text", "json"):
         raise UserError("%s: log_format must be \"text\" or \"json\"" % path)
     return out
+
+
+def check_adopt(adopt: Any, where: str) -> Tuple[str, ...]:
+    """An ``adopt`` list (global or a [[vm]]'s), as a tuple; UserError naming *where*."""
+    if not isinstance(adopt, list) or not all(isinstance(k, str) and k in ADOPT_KINDS for k in adopt):
+        raise UserError("%s: adopt must list some of \"pty\" and \"socket\" (or be []), not %r"
+                        % (where, adopt))
+    return tuple(adopt)
 
 
 def load_agent_config(path: Optional[str]) -> AgentFileConfig:

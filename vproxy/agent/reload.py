@@ -24,7 +24,7 @@ What happens to what is already connected:
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from vproxy.security import crl as crlmod
 from vproxy.security import tls
@@ -49,6 +49,7 @@ class Settings:
     crl: Optional[str] = None
     acl: Any = None               # vproxy.agent.acl.Acl (None: no VM access at all)
     vms: Optional[List[Tuple[str, str]]] = None  # None: leave the VM list alone
+    vm_options: Optional[Dict[str, Dict[str, Any]]] = None  # per VM: qmp_mode, adopt (None: as they are)
     drain_timeout: Optional[float] = None
     needs_restart: List[str] = field(default_factory=list)  # changed keys a reload ignores
 
@@ -134,7 +135,7 @@ async def apply(agent: "Agent", prepared: _Prepared) -> Outcome:
         outcome.streams_reset += 1
 
     if settings.vms is not None:
-        await _apply_vms(agent, settings.vms, outcome)
+        await _apply_vms(agent, settings.vms, outcome, settings.vm_options)
     return outcome
 
 
@@ -165,14 +166,19 @@ def stale_session_reason(ssl_object: Any, trust: crlmod.Trust) -> Optional[str]:
     return crlmod.still_trusted(cert, before, trust)
 
 
-async def _apply_vms(agent: "Agent", vms: List[Tuple[str, str]], outcome: Outcome) -> None:
+async def _apply_vms(agent: "Agent", vms: List[Tuple[str, str]], outcome: Outcome,
+                     vm_options: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
     """Make the configured VM list `vms` (VMRegistry.reconfigure: VMs found in --vm-dir
     stay unless a configured VM takes their name; a VM that goes has its streams reset
-    with "VM x was removed from the agent's configuration")."""
+    with "VM x was removed from the agent's configuration"; a VM whose own qmp_mode or
+    adopt changed is restarted in the registry: its streams are reset with "VM x was
+    restarted in the agent with new settings" and it counts as added)."""
     registry = agent.registry
     if registry is None:
         if not vms or "vm" in agent.providers:
             agent.config.vms = list(vms)
+            if vm_options is not None:
+                agent.config.vm_options = dict(vm_options)
             return  # no QEMU layer (or a provider of the caller's own): nothing to do
         # lazy: qemu.qmp only when the agent serves VMs
         from vproxy.agent.qemu.provider import QemuProvider
@@ -180,14 +186,17 @@ async def _apply_vms(agent: "Agent", vms: List[Tuple[str, str]], outcome: Outcom
 
         c = agent.config
         registry = VMRegistry([], None, ring_size=c.console_ring, log_dir=c.console_log_dir,
-                              resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp, adopt=c.adopt)
+                              resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp, adopt=c.adopt,
+                              vm_options=vm_options if vm_options is not None else c.vm_options)
         await registry.start()
         agent.registry = registry
         agent.providers["vm"] = QemuProvider(registry)
-    added, removed = await registry.reconfigure(vms)
+    added, removed = await registry.reconfigure(vms, vm_options=vm_options)
     outcome.vms_added.extend(added)
     outcome.vms_removed.extend(n for n in removed if n not in added)
     agent.config.vms = list(vms)
+    if vm_options is not None:
+        agent.config.vm_options = dict(vm_options)
     agent.metrics.watch_vms(registry)
 
 

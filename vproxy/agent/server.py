@@ -68,6 +68,8 @@ class AgentConfig:
     resume_prelaunch: bool = False  # `cont` a VM found in prelaunch (-S) after the takeover
     qmp: str = "exclusive"  # QMP mode of every VM: "exclusive" or "shared" (vproxy.agent.qemu.monitor)
     adopt: Tuple[str, ...] = ("pty", "socket")  # chardevs made by others that consoles and guest channels adopt
+    # per configured VM (by name), its own qmp_mode and adopt over the two above
+    vm_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 class Agent:
@@ -138,7 +140,7 @@ class Agent:
             self.registry = VMRegistry(c.vms, c.vm_dir, ring_size=c.console_ring,
                                        log_dir=c.console_log_dir,
                                        resume_prelaunch=c.resume_prelaunch, qmp_mode=c.qmp,
-                                       adopt=c.adopt)
+                                       adopt=c.adopt, vm_options=c.vm_options)
             await self.registry.start()
             self.providers["vm"] = QemuProvider(self.registry)
         if self._ssl is not None:
@@ -238,6 +240,8 @@ class Agent:
                 await channel.run(stream)
                 return
             acl = self.acl
+            if request.vm and self.registry is not None:  # web1 may be known as 100 for now
+                await self.registry.wait_named(request.vm)
             vm_names = self.vm_names(request.vm)
             if request.vm:  # before anything else: say nothing about VMs to strangers
                 self._authorize(identity, request)

@@ -57,12 +57,14 @@ from .common import resolve_tls, run_async, tls_options
                    "file's VMs): \"exclusive\" holds one connection per VM and gets events; "
                    "\"shared\" connects for each command and lets go at once, polling the VM's "
                    "state every 2 s, for sockets something else also uses (Proxmox's "
-                   "/var/run/qemu-server/VMID.qmp). [default: exclusive]")
+                   "/var/run/qemu-server/VMID.qmp); a config file's [[vm]] with its own "
+                   "qmp_mode keeps it. [default: exclusive]")
 @click.option("--adopt", "adopt", default=None, metavar="KINDS",
               help="Which chardevs made by others a console or guest channel adopts, without "
                    "changing them: \"pty,socket\", \"pty\", \"socket\" or \"none\" (a pty is "
                    "opened as virsh console does, for consoles only; a socket server on this host "
-                   "is connected to as its client). [default: pty,socket]")
+                   "is connected to as its client); a config file's [[vm]] with its own adopt "
+                   "keeps it. [default: pty,socket]")
 @click.option("--max-sessions-per-identity", type=click.IntRange(1), default=None, metavar="N",
               help="Refuse a client identity more than N concurrent sessions (GOAWAY "
                    "OVERLOADED, naming the identity and the limit). [default: no limit]")
@@ -139,6 +141,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
             raise UserError("--vm %r: expected NAME=QMP_SOCKET_PATH" % spec,
                             hint="e.g. --vm web1=/run/qemu/web1.qmp")
         vm_list = [v for v in vm_list if v[0] != name] + [(name, qmp)]
+    vm_options = vm_options_after(file_config.vm_options, vms)
     acl = file_config.acl
     if allow:
         acl.rules.append(Rule(tuple(allow), ("*",), ("*",), ("force", "hotplug")))
@@ -159,7 +162,7 @@ def serve(config_path, listen, vms, vm_dir, allow, console_ring, console_log_dir
         resume_prelaunch=(resume_prelaunch if resume_prelaunch is not None
                           else settings.get("resume_prelaunch", False)),
         qmp=qmp_mode or settings.get("qmp", "exclusive"),
-        adopt=adopt_kinds,
+        adopt=adopt_kinds, vm_options=vm_options,
         mux_config=mux_config(settings),
         local_socket=local_socket, **paths)
     reloader = make_reloader(config_path, cli_tls, allow, vms, drain_timeout, bool(paths["cert"]),
@@ -267,6 +270,13 @@ RESTART_KEYS = ("listen", "local_socket", "vm_dir", "console_ring", "console_log
                 "max_streams", "builtin_channels", "qmp", "adopt")
 
 
+def vm_options_after(vm_options: Dict[str, Dict[str, Any]], vm_specs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """The [[vm]] tables' own settings (qmp_mode, adopt), less those of the VMs a --vm
+    NAME=QMP replaces: such a VM takes the global --qmp and --adopt (or the file's)."""
+    replaced = {spec.partition("=")[0] for spec in vm_specs}
+    return {name: dict(options) for name, options in vm_options.items() if name not in replaced}
+
+
 def parse_adopt(value: str) -> Tuple[str, ...]:
     """--adopt: "pty,socket", "pty", "socket" or "none"."""
     kinds = tuple(k.strip() for k in value.split(",") if k.strip())
@@ -310,7 +320,8 @@ def make_reloader(config_path: Optional[str], cli_tls: Dict[str, Any], allow: Se
             vms = [v for v in vms if v[0] != name] + [(name, qmp)]
         changed = [k for k in RESTART_KEYS
                    if k not in overridden and settings.get(k) != started.get(k)]
-        return Settings(acl=acl, vms=vms, needs_restart=changed,
+        return Settings(acl=acl, vms=vms, vm_options=vm_options_after(file_config.vm_options, vm_specs),
+                        needs_restart=changed,
                         drain_timeout=(drain_timeout if drain_timeout is not None
                                        else settings.get("drain_timeout", 10.0)),
                         **paths)

@@ -170,6 +170,11 @@ class VMMonitor:
         return self._client is not None and self._client.runstate == Runstate.RUNNING
 
     @property
+    def busy(self) -> bool:
+        """The last connection attempt found the socket held by another QMP client."""
+        return self._warned_busy
+
+    @property
     def ready(self) -> bool:
         """Connected and every owner's `on_connected` has finished."""
         return self.connected and self._ready is not None and self._ready.is_set()

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import os
 import stat
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ._streams import RefuseCode, refuse
 from .chardev import ADOPT_KINDS
@@ -62,6 +62,11 @@ class VM:
         self.reported_name = ""
         self.qmp_path = str(qmp_path)
         self.source = source  # "config" or "dir"
+        #: The per-VM settings it runs with (a reload that changes them replaces the VM).
+        self.options: Dict[str, Any] = {"qmp_mode": qmp_mode, "adopt": tuple(adopt)}
+        #: A directory VM's QEMU has been asked for its -name at least once
+        #: (`VMRegistry.wait_named`); always True for a configured VM.
+        self.named_once = source != "dir"
         self.monitor = make_monitor(name, self.qmp_path, qmp_mode, resume_prelaunch=resume_prelaunch)
         self.consoles = ConsoleSet(name, ring_size=ring_size, log_dir=log_dir, linger=linger,
                                    adopt=adopt)
@@ -155,6 +160,7 @@ class _Naming(MonitorOwner):
             answer = {}
         name = answer.get("name", "") if isinstance(answer, dict) else ""
         self.vm.reported_name = name if isinstance(name, str) else ""
+        self.vm.named_once = True
         if self.on_named is not None:
             self.on_named(self.vm)
 
@@ -165,17 +171,28 @@ def usable_name(name: str) -> bool:
             and "/" not in name and not name.startswith(("-", ".")))
 
 
+#: How long an open for a name no VM has waits, at most, while a directory VM's QEMU
+#: has not yet been asked for its -name (`VMRegistry.wait_named`).
+NAMING_WAIT = 2.0
+
+
 class VMRegistry:
-    """All VMs of this agent, by name."""
+    """All VMs of this agent, by name.
+
+    *vm_options*: per configured VM (by name), settings over the registry's own
+    (``qmp_mode``, ``adopt``: a [[vm]] table's keys, vproxy.agent.config).
+    """
 
     def __init__(self, vms: Iterable[Tuple[str, str]] = (), socket_dir: Optional[str] = None,
                  *, scan_interval: float = 1.0, ring_size: int = DEFAULT_RING_SIZE,
                  log_dir: Optional[str] = None, linger: float = DEFAULT_LINGER,
                  resume_prelaunch: bool = False, qmp_mode: str = EXCLUSIVE,
-                 adopt: Sequence[str] = ADOPT_KINDS):
+                 adopt: Sequence[str] = ADOPT_KINDS,
+                 vm_options: Optional[Mapping[str, Mapping[str, Any]]] = None):
         self.socket_dir = socket_dir
+        self._per_vm: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in (vm_options or {}).items()}
         self.scan_interval = scan_interval
-        self._vm_options = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
+        self._vm_options: Dict[str, Any] = dict(ring_size=ring_size, log_dir=log_dir, linger=linger,
                                 resume_prelaunch=resume_prelaunch, qmp_mode=qmp_mode,
                                 adopt=tuple(adopt))
         self._configured = list(vms)
@@ -206,6 +223,26 @@ class VMRegistry:
                          "no VM named %r on this host (known: %s)" % (name, known))
         return vm
 
+    async def wait_named(self, name: str, timeout: float = NAMING_WAIT) -> None:
+        """If no VM has the name *name* yet, wait (at most *timeout*) until one has, or
+        until every directory VM's QEMU has been asked its -name once or found not
+        running: right after the agent starts, web1 is still known only as 100 (its
+        socket's name) until the first QMP connection to it, and while another client
+        holds a shared QMP socket it cannot be asked. Returns at once when the name is
+        known or no directory VM is still to be named."""
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + timeout
+        while self.find(name) is None and loop.time() < deadline and any(
+                not vm.named_once and (vm.monitor.busy or not vm.monitor.last_error)
+                for vm in self._vms.values()):
+            await asyncio.sleep(0.02)
+
+    def options_for(self, name: str) -> Dict[str, Any]:
+        """The settings of configured VM *name*: the registry's, then its own over them."""
+        options = dict(self._vm_options)
+        options.update(self._per_vm.get(name, {}))
+        return options
+
     def names_of(self, name: str) -> Tuple[str, ...]:
         """Every name of the VM that *name* opens (its name, then its aliases), or just
         (*name*,) if it opens none: what the ACL matches a request for *name* against."""
@@ -218,7 +255,7 @@ class VMRegistry:
         for name, path in self._configured:
             if name in self._vms:
                 raise ValueError("VM %r is configured twice" % name)
-            self._add(VM(name, path, source="config", **self._vm_options))  # type: ignore[arg-type]
+            self._add(VM(name, path, source="config", **self.options_for(name)))
         self._rename()
         if self.socket_dir is not None:
             await self.rescan()
@@ -232,26 +269,39 @@ class VMRegistry:
         vms, self._vms, self._index = list(self._vms.values()), {}, {}
         await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
 
-    async def reconfigure(self, vms: Iterable[Tuple[str, str]],
-                          reason: str = "") -> Tuple[List[str], List[str]]:
-        """Make the configured VMs *vms* (e.g. on a configuration reload); returns the
-        names (added, removed). A VM whose path changed is replaced; a directory VM
-        whose name is now configured gives way. Streams of a VM that goes are reset
-        with *reason* (default: "VM x was removed from the agent's configuration")."""
+    async def reconfigure(self, vms: Iterable[Tuple[str, str]], reason: str = "",
+                          vm_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                          ) -> Tuple[List[str], List[str]]:
+        """Make the configured VMs *vms* (e.g. on a configuration reload), with
+        *vm_options* (None: the per-VM settings stay as they were); returns the names
+        (added, removed). A VM whose path or own settings (qmp_mode, adopt) changed is
+        replaced: its streams are reset and it is served anew, and it counts as added.
+        A directory VM whose name is now configured gives way. Streams of a VM that
+        goes are reset with *reason* (default: "VM x was removed from the agent's
+        configuration")."""
         new = dict(vms)
+        if vm_options is not None:
+            self._per_vm = {k: dict(v) for k, v in vm_options.items()}
         added: List[str] = []
         removed: List[str] = []
         for name in sorted(set(new) | {n for n, v in self._vms.items() if v.source == "config"}):
             vm = self._vms.get(name)
-            if vm is not None and vm.source == "config" and vm.qmp_path == new.get(name):
+            options = self.options_for(name)
+            options["adopt"] = tuple(options["adopt"])
+            if (vm is not None and vm.source == "config" and vm.qmp_path == new.get(name)
+                    and all(vm.options[k] == options[k] for k in vm.options)):
                 continue
             if vm is not None:
                 del self._vms[name]
-                await vm.stop(reason or "VM %s was removed from the agent's configuration" % name)
+                if name in new and vm.source == "config":
+                    why = "VM %s was restarted in the agent with new settings" % name
+                else:
+                    why = "VM %s was removed from the agent's configuration" % name
+                await vm.stop(reason or why)
                 if name not in new:
                     removed.append(name)
             if name in new:
-                self._add(VM(name, new[name], source="config", **self._vm_options))  # type: ignore[arg-type]
+                self._add(VM(name, new[name], source="config", **options))
                 added.append(name)
         self._configured = list(new.items())
         self._rename()
@@ -267,7 +317,7 @@ class VMRegistry:
             if name not in self._vms:
                 log.info("VM %s: found QMP socket %s", name, path)
                 self._add(VM(name, path, source="dir", on_named=self._named,
-                             **self._vm_options))  # type: ignore[arg-type]
+                             **self._vm_options))
                 changed = True
         for name, vm in list(self._vms.items()):
             if vm.source == "dir" and name not in found and not vm.monitor.connected:
