@@ -35,6 +35,8 @@ LogTarget = Union[None, PathLike, BinaryIO]
 #: Refusals worth waiting out: the VM is not there (yet) or its QMP is not ready.
 RETRY_CODES = (RefuseCode.UNAVAILABLE, RefuseCode.NO_SUCH_VM)
 DEFAULT_WAIT = 10.0
+#: The agent's built-in channels (vproxy.agent.builtin.NAMES): channel("", NAME).
+BUILTINS = ("sink", "source", "echo")
 #: Seconds input on a "rw" console that is read-only for now waits for the writer role.
 WRITER_GRACE = 2.0
 
@@ -299,7 +301,21 @@ class AsyncClient:
                       wait: float = DEFAULT_WAIT, timeout: float = 30.0,
                       log: LogTarget = None, newline: str = "\n") -> AsyncStream:
         """A virtio-serial guest channel by port name (e.g. org.qemu.guest_agent.0);
-        hotplug=True adds the port if the VM does not have it."""
+        hotplug=True adds the port if the VM does not have it.
+
+        With vm "" (no VM), *name* is one of the agent's built-in channels, which need
+        no QEMU (for measuring a link): "sink" (counts what it reads; after your
+        write_eof it answers the count as decimal text), "source" (zeros until you
+        close) or "echo"."""
+        if not vm:
+            if name not in BUILTINS:
+                raise ValueError("with no VM, the channel is one of the agent's built-ins (%s), not %r"
+                                 % (", ".join(BUILTINS), name))
+            if hotplug:
+                raise ValueError("hotplug is for a VM's guest channels, not the built-in %s" % name)
+            stream = await self.open("", name, "rw", wait=wait)
+            return AsyncStream(stream, name="built-in channel %s" % name, newline=newline,
+                               timeout=timeout, log=log)
         stream = await self.open(vm, "channel:%s" % name, "hotplug" if hotplug else "rw", wait=wait)
         return AsyncStream(stream, name="guest channel %s of VM %s" % (name, vm), newline=newline,
                            timeout=timeout, log=log)
