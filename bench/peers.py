@@ -60,7 +60,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -338,11 +338,13 @@ def start_stunnel(children: Children, work: str, target: int, pki: Dict[str, str
     return client_port
 
 
-def start_agent(children: Children, work: str, pki: Dict[str, str]) -> subprocess.Popen:
+def start_agent(children: Children, work: str, pki: Dict[str, str], args: Sequence[str] = ()) -> subprocess.Popen:
+    """`vproxy serve` as the identity localhost on a free loopback port, with *args*
+    added (bench/forward_path.py adds --vm and --allow)."""
     env = dict(os.environ, PYTHONPATH=ROOT, VPROXY_PKI_DIR=pki["dir"])
     log = os.path.join(work, "agent.log")
     agent = children.start([sys.executable, "-m", "vproxy", "serve", "--identity", "localhost",
-                            "--listen", "127.0.0.1:0"], log, env=env)
+                            "--listen", "127.0.0.1:0"] + list(args), log, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with open(log, errors="replace") as f:
