@@ -38,7 +38,8 @@ from .common import resolve_tls, run_async, tls_options
               help="Give IDENTITY (a certificate CN or SAN glob) every right on every VM "
                    "(repeatable); finer rules go in the config file.")
 @click.option("--console-ring", type=click.IntRange(4096), default=None, metavar="BYTES",
-              help="Console history kept per console. [default: 1048576]")
+              help="Console history kept per console, at most (memory grows with the output "
+                   "up to this). [default: 1048576]")
 @click.option("--console-log-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Also append each console's output to DIR/VM.CONSOLE.log.")
 @click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
