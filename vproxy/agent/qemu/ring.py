@@ -24,6 +24,7 @@ class RingBuffer:
             raise ValueError("ring capacity must be positive, not %d" % capacity)
         self.capacity = capacity
         self._buf = bytearray()  # grows up to capacity, then wraps (see the module doc)
+        self._growing = True
         self.end = 0  # offset one past the newest byte: total bytes ever appended
 
     @property
@@ -42,12 +43,13 @@ class RingBuffer:
     def append(self, data: bytes) -> None:
         n = len(data)
         buf = self._buf
-        if len(buf) < self.capacity:  # still growing: no wrap yet, offset == position
+        if self._growing:  # no wrap yet, offset == position
             if self.end + n <= self.capacity:
                 buf += data
                 self.end += n
                 return
             buf += bytes(self.capacity - len(buf))  # full size from now on: wrap in place
+            self._growing = False
         if n >= self.capacity:  # only the tail survives
             data = memoryview(data)[n - self.capacity:]
             self.end += n - self.capacity
