@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What an agent costs per VM: N paused QEMUs, one agent serving them all.
 
-    .venv/bin/python bench/vm_count.py [--counts 100,1000] [--idle-seconds 10]
-                                       [--tree DIR] [--json FILE]
+    .venv/bin/python bench/vm_count.py [--counts 100,1000] [--idle-seconds 10] [--settle 16]
+                                       [--tree DIR[,DIR]] [--json FILE]
 
 The script starts everything itself and stops and deletes it all when it ends (or is
 interrupted, or fails):
@@ -19,8 +19,10 @@ For each N it prints:
   attached (taken over): the agent's scan of DIR, N QMP handshakes, N take-overs;
 - ls s: the wall time of one ``vproxy ls unix:PATH --json`` once all are there
   (median of 3; includes the client's Python start-up, about 0.2 s);
-- idle CPU %: the agent's user+system CPU over --idle-seconds once discovery is over,
-  nobody connected, divided by that time;
+- idle CPU %: the agent's user+system CPU over --idle-seconds, nobody connected,
+  divided by that time; measured --settle seconds after the last `vproxy ls` (default
+  16: the agent gives its heap back to the OS 15 s after its last session ended,
+  vproxy.agent.memory, a one-off gc.collect + malloc_trim that is not idle work);
 - agent RSS MiB (VmRSS) at the end of the idle period, and MiB per VM above the
   agent serving no VM (N=0, measured first);
 - QEMU MiB: the mean private (anonymous) memory of one paused QEMU, from
@@ -130,7 +132,8 @@ def ready_count(listing: Dict[str, Any]) -> int:
                if vm.get("consoles") and all(c["status"] == "attached" for c in vm["consoles"]))
 
 
-def measure_agent(children: Children, tree: Path, work: Path, count: int, idle: float) -> Dict[str, float]:
+def measure_agent(children: Children, tree: Path, work: Path, count: int, idle: float,
+                  settle: float) -> Dict[str, float]:
     sock = work / "agent.sock"
     if sock.exists():
         sock.unlink()
@@ -162,7 +165,7 @@ def measure_agent(children: Children, tree: Path, work: Path, count: int, idle: 
             t0 = time.monotonic()
             vproxy_ls(tree, sock)
             ls_times.append(time.monotonic() - t0)
-        time.sleep(1.0)  # the last ls session's goodbye
+        time.sleep(settle)  # past the agent's release of the heap after its last session
         cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
         time.sleep(idle)
         cpu = (cpu_seconds(agent.pid) - cpu0) / (time.monotonic() - t0)
@@ -178,6 +181,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", default="100,1000", help="VM counts, comma-separated [100,1000]")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--settle", type=float, default=16.0,
+                    help="seconds from the last `vproxy ls` to the idle measurement [16]")
     ap.add_argument("--tree", default=str(ROOT),
                     help="source tree(s) to run the agent from, comma-separated [this one]")
     ap.add_argument("--json", dest="json_path", help="also write the raw figures here")
@@ -199,7 +204,7 @@ def main() -> int:
                                        subprocess.run([QEMU, "--version"], stdout=subprocess.PIPE)
                                        .stdout.decode().splitlines()[0]))
     try:
-        base = {tree: measure_agent(children, tree, work, 0, args.idle_seconds) for tree in trees}
+        base = {tree: measure_agent(children, tree, work, 0, args.idle_seconds, args.settle) for tree in trees}
         vms: List[subprocess.Popen] = []
         for count in counts:
             t0 = time.monotonic()
@@ -209,7 +214,7 @@ def main() -> int:
             qemu_start = time.monotonic() - t0
             qemu_mib = statistics.mean(anon_mib(p.pid) for p in vms[:20])
             for tree in trees:
-                r = measure_agent(children, tree, work, count, args.idle_seconds)
+                r = measure_agent(children, tree, work, count, args.idle_seconds, args.settle)
                 r.update(count=count, tree=str(tree), qemu_start_s=qemu_start, qemu_anon_mib=qemu_mib,
                          per_vm_mib=(r["rss_mib"] - base[tree]["rss_mib"]) / count,
                          load=os.getloadavg()[0])
