@@ -29,6 +29,7 @@ from vproxy.mux import OpenRequest, RefuseCode
 from vproxy.net.session import Session
 
 NOBODY = 65534
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -188,3 +189,48 @@ def test_uids_are_allowed_and_denied_by_the_acl_on_a_real_vm(sockdir, tmp_path, 
                for line in audit), audit
     assert any(line.startswith("identity=uid:0(root) vm=web1 channel=vnc mode=rw result='refused:")
                for line in audit), audit
+
+
+def _open_files_limit(pid):
+    with open("/proc/%d/limits" % pid) as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), hard
+    raise AssertionError("no Max open files in /proc/%d/limits" % pid)
+
+
+@pytest.mark.parametrize("lowered", [True, False])
+def test_serve_raises_its_open_files_limit_to_the_hard_limit(sockdir, lowered):
+    """1,000 VMs need ~2,000 descriptors: `vproxy serve` lifts a low soft RLIMIT_NOFILE
+    (1024 on many systems) to the hard limit at start, with a line saying so."""
+    import resource  # lazy: POSIX only, like the code under test
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit on open files (%d) is too low to lower the soft one" % hard)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+    def lower():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256 if lowered else hard, hard))
+
+    sock = os.path.join(sockdir, "agent.sock")
+    agent = subprocess.Popen([sys.executable, "-m", "vproxy", "serve", "--local-socket", sock],
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lower, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        lines = []
+        for line in agent.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("listening on" in line for line in lines), "".join(lines)
+        raised = [line for line in lines if "open files limit" in line]
+        if lowered:
+            assert raised == ["vproxy: open files limit raised from 256 to %d (the hard limit)\n" % want]
+            assert _open_files_limit(agent.pid)[0] == want
+        else:
+            assert raised == []
+    finally:
+        agent.terminate()
+        agent.communicate(timeout=20)

@@ -38,7 +38,8 @@ from .common import resolve_tls, run_async, tls_options
               help="Give IDENTITY (a certificate CN or SAN glob) every right on every VM "
                    "(repeatable); finer rules go in the config file.")
 @click.option("--console-ring", type=click.IntRange(4096), default=None, metavar="BYTES",
-              help="Console history kept per console. [default: 1048576]")
+              help="Console history kept per console, at most (memory grows with the output "
+                   "up to this). [default: 1048576]")
 @click.option("--console-log-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Also append each console's output to DIR/VM.CONSOLE.log.")
 @click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
@@ -200,6 +201,7 @@ async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "
         audit.addHandler(handler)
         audit.propagate = False
     logging.getLogger("vproxy.audit").setLevel(logging.INFO)
+    raise_open_files_limit(log_format)
     notifier = Notifier()
     hup = asyncio.Event()
     loop = asyncio.get_event_loop()
@@ -257,6 +259,34 @@ async def run_agent(agent, audit_path: Optional[str] = None, log_format: str = "
     await agent.shutdown()
     notifier.close()
     return 0
+
+
+def raise_open_files_limit(log_format: str = "text") -> Optional[Tuple[int, int]]:
+    """Raise the soft limit on open files (RLIMIT_NOFILE) to the hard limit, and say so.
+
+    The agent holds two descriptors per VM (its QMP connection and each console's end),
+    more per guest channel, plus one per session: 1,000 VMs do not fit the soft limit
+    of 1024 many systems start services with, while the hard limit is usually far
+    higher. Returns (old, new) when it raised the limit, None when it did not."""
+    try:
+        import resource  # lazy: POSIX only, and only the agent needs it
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # the kernel's usual nr_open
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    from vproxy.agent.logs import say  # lazy: with the agent's modules, not for --help
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        say("open files limit stays %d (cannot raise it to %d: %s)" % (soft, target, e), log_format,
+            level="warning", nofile=soft)
+        return None
+    say("open files limit raised from %d to %d (the hard limit)" % (soft, target), log_format,
+        nofile=target)
+    return soft, target
 
 
 def _no_reloader():

@@ -15,7 +15,8 @@ Rules this module keeps:
   "paused" or "inmigrate" VM), or resume it yourself (``cont``) once ``vproxy ls``
   shows the console attached. Off by default: libvirt starts VMs with -S and resumes
   them itself.
-- The agent reads every console ALWAYS, into a `RingBuffer` (default 1 MiB) where each
+- The agent reads every console ALWAYS, into a `RingBuffer` (default 1 MiB, allocated as
+  output arrives: a console that printed nothing costs no history) where each
   byte has an offset that only grows (also across QEMU restarts: the ring and offsets
   belong to the console, not to one QEMU process), and optionally appends it to a log
   file. Nothing a viewer does can slow this reader: viewers copy out of the ring at
