@@ -137,14 +137,17 @@ async def client_on(sock: socket.socket) -> AgentClient:
 @pytest.mark.qemu
 @pytest.mark.slow
 def test_uids_are_allowed_and_denied_by_the_acl_on_a_real_vm(sockdir, tmp_path, caplog):
-    vm = boot_sector_vm(tmp_path / "vm", name="web1")
+    # paused until the agent holds the console (resume_prelaunch): a guest that ran first
+    # would print its banner into the null chardev, and the test would wait for it forever
+    vm = boot_sector_vm(tmp_path / "vm", name="web1", paused=True)
     vm.start()
     path = os.path.join(sockdir, "agent.sock")
     acl = Acl([Rule(("user:root",), ("web1",), ("console",), ("rw",)),
                Rule(("uid:%d" % NOBODY,), ("web1",), ("console",), ("ro",))])
 
     async def main():
-        agent = Agent(AgentConfig(local_socket=path, vms=[("web1", str(vm.qmp_path))]), acl=acl)
+        agent = Agent(AgentConfig(local_socket=path, vms=[("web1", str(vm.qmp_path))],
+                                  resume_prelaunch=True), acl=acl)
         await agent.start()
         try:
             root = await connect_local(path)
