@@ -105,108 +105,36 @@ def start_forward(children: peers.Children, work: str, pki: Dict[str, str], agen
 
 # --------------------------------------------------------------------------- measuring
 
-def open_end(ends: Ends, kind: str) -> socket.socket:
-    port, prefix = ends[kind]
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if prefix:
-        s.sendall(prefix)
-    return s
-
-
-def upload(ends: Ends, seconds: float) -> float:
-    s = open_end(ends, "s")
-    block, sent = os.urandom(peers.BLOCK), 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
-        s.sendall(block)
-        sent += len(block)
-    s.shutdown(socket.SHUT_WR)
-    answer = b""
-    while True:
-        chunk = s.recv(64)
-        if not chunk:
-            break
-        answer += chunk
-    elapsed = time.perf_counter() - start
-    s.close()
-    if int(answer or b"0") != sent:
-        raise RuntimeError("the sink counted %r bytes, %d were sent" % (answer, sent))
-    return sent / elapsed / 1e6
-
-
-def download(ends: Ends, seconds: float) -> float:
-    s = open_end(ends, "o")
-    buf, got = bytearray(1 << 20), 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
-        n = s.recv_into(buf)
-        if not n:
-            raise RuntimeError("the source closed")
-        got += n
-    elapsed = time.perf_counter() - start
-    s.close()
-    return got / elapsed / 1e6
-
-
-def round_trips(ends: Ends, seconds: float) -> List[float]:
-    s = open_end(ends, "e")
-    samples = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline and len(samples) < peers.MAX_SAMPLES:
-        t0 = time.perf_counter()
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
-            raise RuntimeError("bad echo")
-        samples.append(time.perf_counter() - t0)
-    s.close()
-    return samples
-
-
-def first_byte(ends: Ends, count: int) -> List[float]:
-    port, prefix = ends["e"]
-    samples = []
-    for _ in range(count):
-        t0 = time.perf_counter()
+def opener(ends: Ends) -> peers.Opener:
+    """peers' measurements through these ends: the mode's first byte picks the end, and
+    the end's own prefix replaces it (a built-in channel wants none, the stand-in's
+    target wants the mode byte)."""
+    def open_end(mode: bytes) -> socket.socket:
+        port, prefix = ends[mode[:1].decode()]
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(prefix + b"x")
-        if s.recv(1) != b"x":
-            raise RuntimeError("bad echo")
-        samples.append(time.perf_counter() - t0)
-        s.close()
-    return samples
+        if prefix or mode[1:]:
+            s.sendall(prefix + mode[1:])
+        return s
+
+    return open_end
 
 
 def many_streams(ends: Ends, count: int, size: int = STREAM_SIZE) -> Dict[str, float]:
     """*count* local connections at once, each echoing *size* random bytes."""
     port, prefix = ends["e"]
-
-    async def main() -> Dict[str, float]:
-        async def one() -> bool:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            payload = os.urandom(size)
-            writer.write(prefix + payload)
-            back = await reader.readexactly(size)
-            writer.close()
-            return back == payload
-
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
-        return {"ok": sum(1 for r in results if r is True), "ms": (time.perf_counter() - start) * 1e3}
-
-    return asyncio.run(main())
+    result = peers.tcp_concurrent(port, count, size, prefix)
+    return {"ok": result["ok"], "ms": result["seconds"] * 1e3}
 
 
 def measure_ends(ends: Ends, seconds: float, streams: int) -> Dict[str, object]:
-    up = upload(ends, seconds)
-    down = download(ends, seconds)
-    rtt, rtt_cpu, _ = peers.with_cpu(round_trips, ends, min(seconds, 2.0))
+    open_end = opener(ends)
+    up = peers.tcp_upload(open_end, seconds)
+    down = peers.tcp_download(open_end, seconds)
+    rtt, rtt_cpu, _ = peers.with_cpu(peers.tcp_round_trips, open_end, min(seconds, 2.0))
     return {"upload_mbps": up, "download_mbps": down,
             "rtt": dict(peers.summary(rtt), cpu_us=rtt_cpu / len(rtt) * 1e6),
-            "first_byte": peers.summary(first_byte(ends, peers.TTFB_COUNT)),
+            "first_byte": peers.summary(peers.tcp_first_byte(open_end, peers.TTFB_COUNT)),
             "streams": many_streams(ends, streams) if streams else {}}
 
 

@@ -68,7 +68,7 @@ def with_descendants(pid: int) -> List[int]:
 
 
 def round_trips(ends: forward_path.Ends, count: int) -> float:
-    s = forward_path.open_end(ends, "e")
+    s = forward_path.opener(ends)(b"e")
     start = time.perf_counter()
     for _ in range(count):
         s.sendall(b"x")

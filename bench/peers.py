@@ -48,6 +48,7 @@ taking turns, and the table shows the median of the rounds.
 
 import argparse
 import asyncio
+import functools
 import getpass
 import json
 import os
@@ -60,7 +61,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -367,8 +368,19 @@ def connect(port: int, mode: bytes) -> socket.socket:
     return s
 
 
-def tcp_upload(port: int, seconds: float) -> float:
-    s = connect(port, b"s")
+# An opener gives a connected socket for a mode of the target server: b"s" (sink), b"o"
+# (source), b"e" (echo), b"ex" (echo, with its first byte already sent). The functions
+# below measure through it, so another bench (bench/forward_path.py) can reach the same
+# ends through its own listeners. A port means the target's own: connect(port, mode).
+Opener = Callable[[bytes], socket.socket]
+
+
+def opener_for(where: Union[int, Opener]) -> Opener:
+    return functools.partial(connect, where) if isinstance(where, int) else where
+
+
+def tcp_upload(where: Union[int, Opener], seconds: float) -> float:
+    s = opener_for(where)(b"s")
     block, sent = os.urandom(BLOCK), 0
     start = time.perf_counter()
     deadline = start + seconds
@@ -389,8 +401,8 @@ def tcp_upload(port: int, seconds: float) -> float:
     return sent / elapsed / 1e6
 
 
-def tcp_download(port: int, seconds: float) -> float:
-    s = connect(port, b"o")
+def tcp_download(where: Union[int, Opener], seconds: float) -> float:
+    s = opener_for(where)(b"o")
     buf, got = bytearray(1 << 20), 0
     start = time.perf_counter()
     deadline = start + seconds
@@ -404,8 +416,8 @@ def tcp_download(port: int, seconds: float) -> float:
     return got / elapsed / 1e6
 
 
-def tcp_round_trips(port: int, seconds: float) -> List[float]:
-    s = connect(port, b"e")
+def tcp_round_trips(where: Union[int, Opener], seconds: float) -> List[float]:
+    s = opener_for(where)(b"e")
     samples = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline and len(samples) < MAX_SAMPLES:
@@ -418,11 +430,12 @@ def tcp_round_trips(port: int, seconds: float) -> List[float]:
     return samples
 
 
-def tcp_first_byte(port: int, count: int) -> List[float]:
+def tcp_first_byte(where: Union[int, Opener], count: int) -> List[float]:
+    open_end = opener_for(where)
     samples = []
     for _ in range(count):
         t0 = time.perf_counter()
-        s = connect(port, b"ex")
+        s = open_end(b"ex")
         if s.recv(1) != b"x":
             raise RuntimeError("bad echo")
         samples.append(time.perf_counter() - t0)
@@ -454,12 +467,14 @@ def tcp_under_load(port: int, seconds: float) -> List[float]:
         thread.join(5)
 
 
-def tcp_concurrent(port: int, count: int, size: int = 16 * 1024) -> Dict[str, float]:
+def tcp_concurrent(port: int, count: int, size: int = 16 * 1024, prefix: bytes = b"e") -> Dict[str, float]:
+    """*count* connections to *port* at once, each sending *prefix* and echoing *size*
+    random bytes."""
     async def main() -> Dict[str, float]:
         async def one() -> bool:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             payload = os.urandom(size)
-            writer.write(b"e" + payload)
+            writer.write(prefix + payload)
             back = await reader.readexactly(size)
             writer.close()
             return back == payload
