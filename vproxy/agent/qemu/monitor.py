@@ -301,20 +301,7 @@ class VMMonitor:
             assert client is not None
             try:
                 await self._refresh_status()
-                for owner in list(self._owners):
-                    try:
-                        await owner.on_connected(self)
-                    except Exception:
-                        if not self.connected:
-                            break
-                        log.exception("VM %s: setting up %r failed", self.name, owner)
-                if self.connected:
-                    log.info("VM %s: QMP connected (%s)", self.name, self.state)
-                    if self.resume_prelaunch:
-                        await self._resume_from_prelaunch()
-                    if self.connected:  # still, after the cont
-                        assert self._ready is not None
-                        self._ready.set()
+                await self._set_up(lambda: "QMP connected (%s)" % self.state)
                 while client.runstate == Runstate.RUNNING:
                     await client.runstate_changed()
             finally:
@@ -331,6 +318,29 @@ class VMMonitor:
                     except Exception:
                         log.exception("VM %s: %r.on_lost failed", self.name, owner)
                 await self._drop_client()
+
+    async def _set_up(self, reached: Callable[[], str]) -> None:
+        """QEMU is reached: tell every owner (on_connected), log `reached()`, resume a VM
+        found in prelaunch if asked, then say ready. Stops early if QEMU goes away
+        meanwhile (`_reached()`): the owners then hear on_lost instead."""
+        for owner in list(self._owners):
+            try:
+                await owner.on_connected(self)
+            except Exception:
+                if not self._reached():
+                    return
+                log.exception("VM %s: setting up %r failed", self.name, owner)
+        if not self._reached():
+            return
+        log.info("VM %s: %s", self.name, reached())
+        if self.resume_prelaunch:
+            await self._resume_from_prelaunch()
+        if self._reached() and self._ready is not None:  # still, after the cont
+            self._ready.set()
+
+    def _reached(self) -> bool:
+        """Is QEMU still there for the owners? (Exclusive: the QMP connection is up.)"""
+        return self.connected
 
     async def _resume_from_prelaunch(self) -> None:
         """``cont`` if QEMU is in "prelaunch" (started with -S and never run): the
@@ -624,20 +634,12 @@ class SharedVMMonitor(VMMonitor):
     async def _attach(self) -> None:
         self._present = True
         self._pid = self._session_pid
-        for owner in list(self._owners):
-            try:
-                await owner.on_connected(self)
-            except Exception:
-                if not self._present:
-                    break
-                log.exception("VM %s: setting up %r failed", self.name, owner)
-        if self._present:
-            log.info("VM %s: QMP reached on the shared socket %s (%s; polled every %g s)",
-                     self.name, self.qmp_path, self.state, self.poll_interval)
-            if self.resume_prelaunch:
-                await self._resume_from_prelaunch()
-            if self._present and self._ready is not None:
-                self._ready.set()
+        await self._set_up(lambda: "QMP reached on the shared socket %s (%s; polled every %g s)"
+                           % (self.qmp_path, self.state, self.poll_interval))
+
+    def _reached(self) -> bool:
+        """Shared: QEMU answered the last poll (no connection is held)."""
+        return self._present
 
     def _lose(self, reason: str) -> None:
         if self._ready is not None:
