@@ -116,6 +116,21 @@ async def check_reset_on_kill(vm, provider, registry):
     await asyncio.wait_for(s.task, 5)
 
 
+async def check_comes_back(vm, provider, registry, console_id):
+    """QEMU killed: the viewer is reset; started again the same way: the console is
+    adopted again (the returned ManagedConsole), its history goes on, input echoes."""
+    await check_reset_on_kill(vm, provider, registry)
+    before = registry.get("web1").consoles.consoles[console_id].offset
+    await restart(vm, registry)
+    c = await wait_offset(registry, "web1", console_id, before + len(BANNER))
+    back = await open_channel(provider, "web1", "console", "rw", {"replay": str(len(BANNER))})
+    assert await read_exactly(back, len(BANNER)) == BANNER
+    await back.write(b"back\r")
+    assert await read_until(back, b"\r\n") == b"BACK\r\n"
+    await end(back)
+    return c
+
+
 def test_pty_libvirt_shape(tmp_path):
     """-chardev pty (libvirt's default serial), started with -S and resumed by the test:
     the agent opens the pty QEMU reports, raw; everything a taken-over console does works,
@@ -129,16 +144,8 @@ def test_pty_libvirt_shape(tmp_path):
                 await check_console(provider, registry, "charserial0", "adopted pty", pty)
                 listing = format_listing({"host": "h", "error": "", "vms": await provider.describe()})
                 assert "console:charserial0" in listing and "attached (adopted pty %s)" % pty in listing
-                await check_reset_on_kill(vm, provider, registry)
-                before = registry.get("web1").consoles.consoles["charserial0"].offset
-                await restart(vm, registry)
-                c = await wait_offset(registry, "web1", "charserial0", before + len(BANNER))
+                c = await check_comes_back(vm, provider, registry, "charserial0")
                 assert c.describe()["held"] == "adopted pty"
-                back = await open_channel(provider, "web1", "console", "rw", {"replay": str(len(BANNER))})
-                assert await read_exactly(back, len(BANNER)) == BANNER
-                await back.write(b"back\r")
-                assert await read_until(back, b"\r\n") == b"BACK\r\n"
-                await end(back)
 
         asyncio.run(main())
     finally:
@@ -158,15 +165,7 @@ def test_unix_socket_proxmox_shape(tmp_path):
                 await check_console(provider, registry, "serial0", "adopted socket", str(path))
                 listing = format_listing({"host": "h", "error": "", "vms": await provider.describe()})
                 assert "attached (adopted socket %s)" % path in listing
-                await check_reset_on_kill(vm, provider, registry)
-                before = registry.get("web1").consoles.consoles["serial0"].offset
-                await restart(vm, registry)
-                await wait_offset(registry, "web1", "serial0", before + len(BANNER))
-                back = await open_channel(provider, "web1", "console", "rw", {"replay": str(len(BANNER))})
-                assert await read_exactly(back, len(BANNER)) == BANNER
-                await back.write(b"back\r")
-                assert await read_until(back, b"\r\n") == b"BACK\r\n"
-                await end(back)
+                await check_comes_back(vm, provider, registry, "serial0")
 
         asyncio.run(main())
     finally:
@@ -182,15 +181,7 @@ def test_tcp_socket_server(tmp_path):
         async def main():
             async with agent(vm) as (provider, registry):
                 await check_console(provider, registry, "serial0", "adopted socket", "127.0.0.1:%d" % port)
-                await check_reset_on_kill(vm, provider, registry)
-                before = registry.get("web1").consoles.consoles["serial0"].offset
-                await restart(vm, registry)
-                await wait_offset(registry, "web1", "serial0", before + len(BANNER))
-                back = await open_channel(provider, "web1", "console", "rw", {"replay": str(len(BANNER))})
-                assert await read_exactly(back, len(BANNER)) == BANNER
-                await back.write(b"back\r")
-                assert await read_until(back, b"\r\n") == b"BACK\r\n"
-                await end(back)
+                await check_comes_back(vm, provider, registry, "serial0")
 
         asyncio.run(main())
     finally:

@@ -1,6 +1,6 @@
 """A small nursery: run a few coroutines together and never leave one behind.
 
-trio's nursery is the model; asyncio.TaskGroup would do, but it needs Python 3.11
+trio's nursery is the model; asyncio's own task groups came only in Python 3.11,
 and vproxy runs on 3.9. Every "pump pair" (two tasks copying bytes each way, or a task
 beside the code that waits for it) is written with it:
 
